@@ -1,0 +1,14 @@
+"""DiffiT (Diffusion Vision Transformers with time-dependent self-attention) for Hugging Face diffusers."""
+
+__version__ = "0.1.0"
+
+from .models import (
+    MASK_CAPABLE_BACKENDS,
+    DiffiTTimeEmbedding,
+    DiffiTTransformer2DModel,
+    DiffiTTransformerBlock,
+    TimeDependentAttnProcessor,
+    TimeDependentExplicitAttnProcessor,
+    TimeDependentSelfAttention,
+)
+from .presets import available_presets, load_preset_config

@@ -1,0 +1,9 @@
+from .attention import (
+    MASK_CAPABLE_BACKENDS,
+    TimeDependentAttnProcessor,
+    TimeDependentExplicitAttnProcessor,
+    TimeDependentSelfAttention,
+)
+from .embeddings import DiffiTTimeEmbedding
+from .transformer_block import DiffiTTransformerBlock
+from .transformer_diffit import DiffiTTransformer2DModel

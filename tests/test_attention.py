@@ -1,0 +1,187 @@
+"""Time-dependent self-attention: projections, windows, relative position bias, processors and backends."""
+
+import pytest
+import torch
+
+from diffit_diffusers import (
+    DiffiTTransformer2DModel,
+    TimeDependentExplicitAttnProcessor,
+    TimeDependentSelfAttention,
+)
+from diffit_diffusers.models.attention import (
+    check_backend_takes_bias,
+    relative_position_index,
+    window_layout,
+    window_merge,
+    window_partition,
+)
+
+
+def make_attention(window_size=4, dim=16, heads=2, time_dim=8, pad=False, seed=0):
+    torch.manual_seed(seed)
+    attn = TimeDependentSelfAttention(dim, time_dim, heads, window_size, pad_to_window=pad)
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    return attn
+
+
+def test_relative_position_index_matches_hand_computed_2x2():
+    # Tokens of a 2x2 window, row-major: (0,0), (0,1), (1,0), (1,1). Offsets (dh, dw) map to
+    # (dh + 1) * 3 + (dw + 1).
+    expected = torch.tensor(
+        [
+            [4, 3, 1, 0],
+            [5, 4, 2, 1],
+            [7, 6, 4, 3],
+            [8, 7, 5, 4],
+        ]
+    )
+    assert torch.equal(relative_position_index(2), expected)
+
+
+def test_window_partition_round_trip_and_order():
+    x = torch.arange(2 * 8 * 12 * 3, dtype=torch.float32).view(2, 8 * 12, 3)
+    layout = window_layout(2, 8, 12, 4, pad=False)
+    windows = window_partition(x, layout)
+    assert windows.shape == (2 * 6, 16, 3)
+    # The second window of the first image holds rows 0-3, columns 4-7.
+    grid = x.view(2, 8, 12, 3)
+    assert torch.equal(windows[1], grid[0, :4, 4:8].reshape(16, 3))
+    assert torch.equal(window_merge(windows, layout), x)
+
+
+def test_window_partition_round_trip_with_padding():
+    x = torch.randn(3, 6 * 10, 5)
+    layout = window_layout(3, 6, 10, 4, pad=True)
+    assert (layout.padded_height, layout.padded_width) == (8, 12)
+    windows = window_partition(x, layout)
+    assert windows.shape == (3 * 6, 16, 5)
+    assert torch.equal(window_merge(windows, layout), x)
+
+
+def test_output_shape_and_time_dependence():
+    attn = make_attention()
+    x = torch.randn(2, 64, 16)
+    t1, t2 = torch.randn(2, 8), torch.randn(2, 8)
+    out1 = attn(x, t1, 8, 8)
+    assert out1.shape == x.shape
+    assert not torch.allclose(out1, attn(x, t2, 8, 8)), "the time token must change the attention output"
+
+
+def test_projection_is_spatial_plus_time_linear_maps():
+    attn = make_attention(window_size=2, dim=8, heads=2, time_dim=4)
+    x, t = torch.randn(1, 4, 8), torch.randn(1, 4)
+    query, key, value, _ = attn.project_qkv(x, t, 2, 2)
+    w_s, b_s = attn.to_qkv.weight, attn.to_qkv.bias
+    w_t, b_t = attn.time_to_qkv.weight, attn.time_to_qkv.bias
+    expected = x @ w_s.T + b_s + (t @ w_t.T + b_t)[:, None]
+    q, k, v = expected.chunk(3, dim=-1)
+    torch.testing.assert_close(query.flatten(2), q)
+    torch.testing.assert_close(key.flatten(2), k)
+    torch.testing.assert_close(value.flatten(2), v)
+
+
+def test_windowed_attention_equals_attention_per_window_by_hand():
+    attn = make_attention(window_size=2, dim=8, heads=2, time_dim=4)
+    x, t = torch.randn(2, 16, 8), torch.randn(2, 4)
+    out = attn(x, t, 4, 4)
+    grid = x.view(2, 4, 4, 8)
+    bias = attn.relative_position_bias()
+    for b in range(2):
+        for r in (0, 2):
+            for c in (0, 2):
+                tokens = grid[b, r : r + 2, c : c + 2].reshape(1, 4, 8)
+                qkv = attn.to_qkv(tokens) + attn.time_to_qkv(t[b : b + 1])[:, None]
+                q, k, v = (z.view(4, 2, 4).transpose(0, 1) for z in qkv[0].chunk(3, dim=-1))
+                weights = (q @ k.transpose(-1, -2) / 2.0 + bias).softmax(-1)
+                expected = attn.to_out((weights @ v).transpose(0, 1).reshape(4, 8))
+                got = out.view(2, 4, 4, 8)[b, r : r + 2, c : c + 2].reshape(4, 8)
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_grid_ignores_padding_tokens():
+    attn = make_attention(window_size=4, pad=True)
+    x, t = torch.randn(2, 6 * 6, 16), torch.randn(2, 8)
+    out = attn(x, t, 6, 6)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    explicit = attn.get_processor()
+    attn.set_processor(TimeDependentExplicitAttnProcessor())
+    torch.testing.assert_close(attn(x, t, 6, 6), out, atol=1e-5, rtol=1e-5)
+    attn.set_processor(explicit)
+    # The top-left window only holds real tokens and must not see anything of the others.
+    x_changed = x.clone().view(2, 6, 6, 16)
+    x_changed[:, 4:, 4:] += 10.0
+    out_changed = attn(x_changed.view(2, 36, 16), t, 6, 6)
+    torch.testing.assert_close(out.view(2, 6, 6, 16)[:, :4, :4], out_changed.view(2, 6, 6, 16)[:, :4, :4])
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_explicit_processor_agrees_with_sdpa(pad):
+    attn = make_attention(window_size=4, pad=pad)
+    size = 6 if pad else 8
+    x, t = torch.randn(3, size * size, 16), torch.randn(3, 8)
+    sdpa = attn(x, t, size, size)
+    attn.set_processor(TimeDependentExplicitAttnProcessor())
+    torch.testing.assert_close(attn(x, t, size, size), sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_grid_not_a_whole_number_of_windows_raises():
+    attn = make_attention(window_size=4)
+    with pytest.raises(ValueError, match=r"received a 6x8 grid.*divisible by 4"):
+        attn(torch.randn(1, 48, 16), torch.randn(1, 8), 6, 8)
+
+
+@pytest.mark.parametrize(
+    "tokens, time_shape, message",
+    [((1, 60, 16), (1, 8), "60 tokens"), ((1, 64, 12), (1, 8), "width 16"), ((1, 64, 16), (1, 5), "time_token")],
+)
+def test_bad_shapes_raise(tokens, time_shape, message):
+    attn = make_attention()
+    with pytest.raises(ValueError, match=message):
+        attn(torch.randn(*tokens), torch.randn(*time_shape), 8, 8)
+
+
+def test_bad_construction_raises():
+    with pytest.raises(ValueError, match="divisible by `num_heads`"):
+        TimeDependentSelfAttention(10, 4, 3, 4)
+    with pytest.raises(ValueError, match="window_size"):
+        TimeDependentSelfAttention(8, 4, 2, 0)
+
+
+def tiny_transformer(**kwargs):
+    config = dict(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        num_classes=10,
+    )
+    config.update(kwargs)
+    return DiffiTTransformer2DModel(**config)
+
+
+def test_model_processor_api_and_backends():
+    model = tiny_transformer()
+    processors = model.attn_processors
+    assert list(processors) == [f"transformer_blocks.{i}.attn.processor" for i in range(2)]
+    torch.manual_seed(0)
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    expected = model(x, 3, labels).sample
+    model.set_attn_processor(TimeDependentExplicitAttnProcessor())
+    assert all(isinstance(p, TimeDependentExplicitAttnProcessor) for p in model.attn_processors.values())
+    torch.testing.assert_close(model(x, 3, labels).sample, expected, atol=1e-5, rtol=1e-5)
+
+    model.set_attn_processor(processors)
+    model.set_attention_backend("_native_math")
+    torch.testing.assert_close(model(x, 3, labels).sample, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'flash' cannot take an additive attention mask.*'native'"):
+        model.set_attention_backend("flash")
+
+
+def test_backend_check_rejects_maskless_backends_at_call_time():
+    check_backend_takes_bias("native")
+    with pytest.raises(ValueError, match="_native_flash"):
+        check_backend_takes_bias("_native_flash")
+    attn = make_attention()
+    attn.processor._attention_backend = "sage"
+    with pytest.raises(ValueError, match="'sage' cannot take"):
+        attn(torch.randn(1, 64, 16), torch.randn(1, 8), 8, 8)
