@@ -125,6 +125,11 @@ class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, Pr
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
+    @property
+    def null_class_id(self) -> int | None:
+        """Label id of the null (unconditional) class used for classifier-free guidance, or ``None``."""
+        return self.time_embedding.null_class_id
+
     def _check_inputs(self, hidden_states: torch.Tensor) -> None:
         expected = (self.config.in_channels, self.config.sample_size, self.config.sample_size)
         if hidden_states.ndim != 4 or tuple(hidden_states.shape[1:]) != expected:
