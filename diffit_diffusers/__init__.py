@@ -7,8 +7,10 @@ from .models import (
     DiffiTTimeEmbedding,
     DiffiTTransformer2DModel,
     DiffiTTransformerBlock,
+    DiffiTUNet2DModel,
     TimeDependentAttnProcessor,
     TimeDependentExplicitAttnProcessor,
     TimeDependentSelfAttention,
 )
 from .presets import available_presets, load_preset_config
+from .pipelines import DiffiTPipeline

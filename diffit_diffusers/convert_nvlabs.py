@@ -1,9 +1,10 @@
 """Convert NVIDIA's released latent DiffiT checkpoints (``nvidia/DiffiT``: ``diffit_256.safetensors``,
-``diffit_512.safetensors``) into a diffusers :class:`DiffiTTransformer2DModel` folder.
+``diffit_512.safetensors``) into a complete :class:`DiffiTPipeline` folder (or only the transformer).
 
 Usage::
 
     python -m diffit_diffusers.convert_nvlabs --checkpoint diffit_256.safetensors --output_dir diffit-xl-2-256
+    python -m diffit_diffusers.convert_nvlabs --checkpoint diffit_256.safetensors --output_dir t --transformer_only
 
 The whole model config is read off the tensor shapes, every official key is renamed through one explicit table,
 and the two buffers our model recomputes (the sin-cos position embedding and the relative position index) are
@@ -17,14 +18,18 @@ import math
 import re
 import sys
 from collections.abc import Mapping
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DDPMScheduler
 from safetensors.torch import load_file
 
+from .hub import create_model_card
 from .models import DiffiTTransformer2DModel
+from .pipelines import DiffiTPipeline
 
 
 #: Official module or parameter name -> ours. ``{i}`` is a block index; the rest of a key (``.weight``,
@@ -52,6 +57,8 @@ NESTING_KEYS: tuple[str, ...] = ("ema", "model", "state_dict", "model_state_dict
 #: Key prefixes added by ``DistributedDataParallel`` and ``torch.compile``.
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 
+#: The VAE the released latent models were trained with (Stable Diffusion's EMA-finetuned autoencoder).
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 POS_EMBED_ATOL = 1e-4
 TORCH_LOAD_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -372,6 +379,30 @@ def load_official_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Ten
     return find_state_dict(checkpoint, source=repr(str(path)))
 
 
+def load_converted_transformer(
+    checkpoint_path: str | Path, *, dtype: torch.dtype | None = None, num_classes: int | None = None
+) -> DiffiTTransformer2DModel:
+    """Convert an official checkpoint file into a ``DiffiTTransformer2DModel`` in memory (eval mode).
+
+    Args:
+        checkpoint_path: the official ``.safetensors`` (or PyTorch) checkpoint.
+        dtype: cast the weights to this dtype; by default they keep the checkpoint's dtype.
+        num_classes: see :func:`infer_config`.
+    """
+    config, state_dict = convert_state_dict(load_official_state_dict(checkpoint_path), num_classes=num_classes)
+    with init_empty_weights(include_buffers=False):
+        model = DiffiTTransformer2DModel.from_config(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CheckpointConversionError(f"The output folder {str(output_dir)!r} is an existing file; give a folder.")
+
+
 def convert_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
@@ -379,29 +410,100 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
     num_classes: int | None = None,
 ) -> DiffiTTransformer2DModel:
-    """Convert an official checkpoint file and save it with ``save_pretrained`` (safetensors) to ``output_dir``.
-
-    Args:
-        checkpoint_path: the official ``.safetensors`` (or PyTorch) checkpoint.
-        output_dir: folder for ``config.json`` and ``diffusion_pytorch_model.safetensors``.
-        dtype: cast the weights to this dtype; by default they keep the checkpoint's dtype.
-        num_classes: see :func:`infer_config`.
+    """Convert an official checkpoint and save only the transformer (``save_pretrained``, safetensors).
 
     Returns:
         The converted model, in eval mode.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CheckpointConversionError(f"The output folder {str(output_dir)!r} is an existing file; give a folder.")
-    config, state_dict = convert_state_dict(load_official_state_dict(checkpoint_path), num_classes=num_classes)
-    with init_empty_weights(include_buffers=False):
-        model = DiffiTTransformer2DModel.from_config(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    if dtype is not None:
-        model.to(dtype)
-    model.eval()
+    _check_output_dir(output_dir)
+    model = load_converted_transformer(checkpoint_path, dtype=dtype, num_classes=num_classes)
     model.save_pretrained(output_dir, safe_serialization=True)
     return model
+
+
+def official_recipe(grid_size: int) -> dict[str, Any]:
+    """The released sampling recipe as ``DiffiTPipeline`` defaults: 256px (grid 16) uses power-cosine guidance with
+    scale 4.4, 512px (grid 32) a constant 1.49; both 250 DDPM steps with learned variance and 3 guided channels."""
+    if grid_size >= 32:
+        return {"default_guidance_scale": 1.49, "default_guidance_schedule": "constant"}
+    return {"default_guidance_scale": 4.4, "default_guidance_schedule": "power_cosine", "default_guidance_power": 4.0}
+
+
+def official_scheduler() -> DDPMScheduler:
+    """ADM/DiT's 1000-step linear beta schedule with learned-range variance."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        beta_end=0.02,
+        variance_type="learned_range",
+        clip_sample=False,
+    )
+
+
+def imagenet_id2label() -> dict[int, str]:
+    """The 1000 ImageNet-1k class names (WordNet lemmas, comma-separated synonyms), by class id."""
+    names = (files("diffit_diffusers") / "data" / "imagenet_labels.txt").read_text(encoding="utf-8").splitlines()
+    return dict(enumerate(names))
+
+
+def convert_to_pipeline(
+    checkpoint_path: str | Path,
+    output_dir: str | Path,
+    *,
+    vae: str | Path = DEFAULT_VAE,
+    dtype: torch.dtype | None = None,
+    num_classes: int | None = None,
+) -> DiffiTPipeline:
+    """Convert an official checkpoint into a complete ``DiffiTPipeline`` folder with a model card.
+
+    The folder holds the transformer, a DDPM scheduler with the ADM/DiT schedule and learned variance, the VAE
+    (``vae``: a local folder or Hub id), the ImageNet label names (for 1000-class models) and the official sampling
+    recipe as the pipeline's defaults (see :func:`official_recipe`).
+    """
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir)
+    transformer = load_converted_transformer(checkpoint_path, dtype=dtype, num_classes=num_classes)
+    try:
+        autoencoder = AutoencoderKL.from_pretrained(str(vae), torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise CheckpointConversionError(
+            f"Could not load the VAE {str(vae)!r} ({error}). Pass `--vae` with a local AutoencoderKL folder or a "
+            "reachable Hub id."
+        ) from error
+    if autoencoder.config.latent_channels != transformer.config.in_channels:
+        raise CheckpointConversionError(
+            f"The VAE has {autoencoder.config.latent_channels} latent channels but the transformer expects "
+            f"{transformer.config.in_channels}; pass the VAE the checkpoint was trained with."
+        )
+    pipeline = DiffiTPipeline(
+        denoiser=transformer,
+        scheduler=official_scheduler(),
+        vae=autoencoder,
+        id2label=imagenet_id2label() if transformer.config.num_classes == 1000 else None,
+        default_num_inference_steps=250,
+        default_guided_channels=3,
+        **official_recipe(transformer.grid_size),
+    )
+    pipeline.save_pretrained(output_dir)
+    resolution = transformer.config.sample_size * 2 ** (len(autoencoder.config.block_out_channels) - 1)
+    create_model_card(
+        output_dir,
+        base_model="nvidia/DiffiT",
+        license="cc-by-nc-sa-4.0",
+        datasets=["imagenet-1k"] if transformer.config.num_classes == 1000 else None,
+        tags=["class-conditional", "latent-diffusion", f"{resolution}px"],
+        pipeline_tag="unconditional-image-generation",
+        config=dict(transformer.config),
+        extra_text=(
+            f"Converted from NVIDIA's released latent DiffiT checkpoint ({Path(checkpoint_path).name}, "
+            f"{resolution}x{resolution}) with `python -m diffit_diffusers.convert_nvlabs`.\n\n"
+            "**Licence of the weights:** NVIDIA released these weights under CC-BY-NC-SA-4.0 (non-commercial, "
+            "share-alike); the converted weights carry the same licence. The diffit-diffusers code is Apache-2.0."
+        ),
+    )
+    return pipeline
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,7 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
         "into a diffusers DiffiTTransformer2DModel folder.",
     )
     parser.add_argument("--checkpoint", required=True, help="official .safetensors (or .pt/.pth state dict) file")
-    parser.add_argument("--output_dir", required=True, help="folder to write config.json and the weights to")
+    parser.add_argument("--output_dir", required=True, help="folder to write the pipeline (or transformer) to")
+    parser.add_argument(
+        "--vae", default=DEFAULT_VAE, help=f"AutoencoderKL folder or Hub id for the pipeline (default {DEFAULT_VAE})"
+    )
+    parser.add_argument(
+        "--transformer_only", action="store_true", help="write only the transformer folder, no pipeline"
+    )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep the checkpoint's)"
     )
@@ -427,17 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (1 for a checkpoint or path problem)."""
     args = build_parser().parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
     try:
-        model = convert_checkpoint(
-            args.checkpoint,
-            args.output_dir,
-            dtype=DTYPES[args.dtype] if args.dtype else None,
-            num_classes=args.num_classes,
-        )
+        if args.transformer_only:
+            model = convert_checkpoint(args.checkpoint, args.output_dir, dtype=dtype, num_classes=args.num_classes)
+        else:
+            model = convert_to_pipeline(
+                args.checkpoint, args.output_dir, vae=args.vae, dtype=dtype, num_classes=args.num_classes
+            ).denoiser
     except (FileNotFoundError, CheckpointConversionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Saved DiffiTTransformer2DModel ({_describe(model.config)}) to {args.output_dir}")
+    what = "DiffiTTransformer2DModel" if args.transformer_only else "DiffiTPipeline with DiffiTTransformer2DModel"
+    print(f"Saved {what} ({_describe(model.config)}) to {args.output_dir}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Converter for NVIDIA's released latent DiffiT checkpoints, checked against a transcription of the official model."""
 
 import inspect
+import json
 import math
 import subprocess
 import sys
@@ -9,11 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffit_diffusers import DiffiTTransformer2DModel
+from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel
 from diffit_diffusers.convert_nvlabs import (
+    convert_to_pipeline,
+    imagenet_id2label,
     CheckpointConversionError,
     convert_checkpoint,
     convert_state_dict,
@@ -308,7 +313,8 @@ def test_label_table_without_null_row_needs_num_classes(tmp_path):
         infer_config(state_dict, num_classes=11)
 
     path = save_safetensors(official, tmp_path / "no_null.safetensors")
-    assert main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out"), "--num_classes", "10"]) == 0
+    args = ["--checkpoint", str(path), "--output_dir", str(tmp_path / "out"), "--num_classes", "10"]
+    assert main(args + ["--transformer_only"]) == 0
     model = DiffiTTransformer2DModel.from_pretrained(tmp_path / "out")
     assert model.time_embedding.null_class_id is None
     latents, timesteps, _ = random_inputs(official)
@@ -382,7 +388,7 @@ def test_cli_converts_casts_and_round_trips_through_from_pretrained(tmp_path, ca
     official = make_official()
     checkpoint = save_safetensors(official, tmp_path / "diffit_256.safetensors")
     output_dir = tmp_path / "converted"
-    assert main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir)]) == 0
+    assert main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir), "--transformer_only"]) == 0
     assert "depth 2, width 32" in capsys.readouterr().out
     weights = load_file(output_dir / "diffusion_pytorch_model.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())
@@ -390,7 +396,9 @@ def test_cli_converts_casts_and_round_trips_through_from_pretrained(tmp_path, ca
     assert_matches_official(reloaded, official)
 
     half_dir = tmp_path / "converted-bf16"
-    assert main(["--checkpoint", str(checkpoint), "--output_dir", str(half_dir), "--dtype", "bfloat16"]) == 0
+    assert main(
+        ["--checkpoint", str(checkpoint), "--output_dir", str(half_dir), "--dtype", "bfloat16", "--transformer_only"]
+    ) == 0
     weights = load_file(half_dir / "diffusion_pytorch_model.safetensors")
     assert all(tensor.dtype == torch.bfloat16 for tensor in weights.values())
 
@@ -417,7 +425,7 @@ def test_python_dash_m_end_to_end_and_reload_gives_identical_outputs(tmp_path):
     result = subprocess.run(
         [
             sys.executable, "-m", "diffit_diffusers.convert_nvlabs",
-            "--checkpoint", str(checkpoint), "--output_dir", str(output_dir),
+            "--checkpoint", str(checkpoint), "--output_dir", str(output_dir), "--vae", str(save_tiny_vae(tmp_path)),
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -426,7 +434,70 @@ def test_python_dash_m_end_to_end_and_reload_gives_identical_outputs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     in_process = convert_checkpoint(checkpoint, tmp_path / "in-process")
-    reloaded = DiffiTTransformer2DModel.from_pretrained(output_dir)
+    reloaded = DiffiTTransformer2DModel.from_pretrained(output_dir / "denoiser")
     latents, timesteps, labels = random_inputs(official)
     with torch.no_grad():
         assert torch.equal(reloaded(latents, timesteps, labels).sample, in_process(latents, timesteps, labels).sample)
+
+
+def save_tiny_vae(tmp_path: Path, latent_channels: int = 4) -> Path:
+    """A tiny random AutoencoderKL folder standing in for stabilityai/sd-vae-ft-ema (2 levels: 8x downscale -> 2x)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+    )
+    folder = tmp_path / f"vae-{latent_channels}"
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "shape, recipe",
+    [
+        ("256px", {"default_guidance_scale": 4.4, "default_guidance_schedule": "power_cosine"}),
+        ("512px", {"default_guidance_scale": 1.49, "default_guidance_schedule": "constant"}),
+    ],
+)
+def test_full_pipeline_folder_with_official_recipe(tmp_path, shape, recipe):
+    official = make_official(**SHAPES[shape])
+    checkpoint = save_safetensors(official, tmp_path / "diffit.safetensors")
+    output_dir = tmp_path / "pipeline"
+    assert main(["--checkpoint", str(checkpoint), "--output_dir", str(output_dir), "--vae", str(save_tiny_vae(tmp_path))]) == 0
+
+    index = json.loads((output_dir / "model_index.json").read_text())
+    assert index["default_num_inference_steps"] == 250 and index["default_guided_channels"] == 3
+    assert {k: index[k] for k in recipe} == recipe
+    scheduler = json.loads((output_dir / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["_class_name"], scheduler["variance_type"], scheduler["beta_schedule"]) == (
+        "DDPMScheduler", "learned_range", "linear",
+    )
+    card = (output_dir / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["license"] == "cc-by-nc-sa-4.0" and metadata["base_model"] == "nvidia/DiffiT"
+    assert "CC-BY-NC-SA-4.0" in card
+
+    pipe = DiffiTPipeline.from_pretrained(output_dir)
+    assert_matches_official(pipe.denoiser, official)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[3], num_inference_steps=2, output_type="np").images
+    size = SHAPES[shape]["input_size"] * 2
+    assert images.shape == (1, size, size, 3) and np.isfinite(images).all()
+
+
+def test_imagenet_label_names_ship_with_the_package():
+    labels = imagenet_id2label()
+    assert len(labels) == 1000
+    assert labels[207] == "golden retriever" and labels[0].startswith("tench")
+
+
+def test_pipeline_conversion_checks_the_vae(tmp_path):
+    checkpoint = save_safetensors(make_official(), tmp_path / "diffit.safetensors")
+    with pytest.raises(CheckpointConversionError, match="8 latent channels but the transformer expects 4"):
+        convert_to_pipeline(checkpoint, tmp_path / "out", vae=save_tiny_vae(tmp_path, latent_channels=8))
+    with pytest.raises(CheckpointConversionError, match="(?s)Could not load the VAE.*--vae"):
+        convert_to_pipeline(checkpoint, tmp_path / "out", vae=tmp_path / "no-such-vae")

@@ -7,3 +7,4 @@ from .attention import (
 from .embeddings import DiffiTTimeEmbedding
 from .transformer_block import DiffiTTransformerBlock
 from .transformer_diffit import DiffiTTransformer2DModel
+from .unet_diffit import DiffiTUNet2DModel

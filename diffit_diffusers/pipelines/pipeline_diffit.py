@@ -1,0 +1,402 @@
+"""DiffiTPipeline: class-conditional or unconditional sampling with a DiffiT denoiser, in image or latent space."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from .guidance import GUIDANCE_SCHEDULES, apply_guidance, guidance_weight
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+SUPPORTED_SCHEDULERS = tuple(member.name for member in KarrasDiffusionSchedulers) + (
+    "EDMDPMSolverMultistepScheduler",
+)
+#: Module written next to a saved pipeline so that ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``
+#: finds the pipeline class; it only re-exports the installed package.
+PIPELINE_MODULE = "pipeline_diffit"
+#: Module written inside the ``denoiser`` folder for the same reason.
+DENOISER_MODULE = "modeling_diffit"
+
+
+def _denoiser_classes() -> dict[str, type]:
+    from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
+
+    return {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel)}
+
+
+class DiffiTPipeline(DiffusionPipeline):
+    r"""Generate images with a DiffiT denoiser and any diffusers scheduler.
+
+    Parameters:
+        denoiser: a ``DiffiTUNet2DModel`` (image space) or ``DiffiTTransformer2DModel`` (latent space with a VAE).
+        scheduler: any ``KarrasDiffusionSchedulers`` member or an EDM scheduler.
+        vae: an ``AutoencoderKL``; when present, the denoiser works on its latents and images are decoded with
+            ``vae.decode(latents / vae.config.scaling_factor)``.
+        id2label: class id -> name(s) (comma-separated synonyms), for ``get_label_ids``.
+        default_num_inference_steps, default_guidance_scale, default_guidance_schedule, default_guidance_power,
+        default_guided_channels: the values ``__call__`` uses when its argument is left at ``None``; saved with the
+            pipeline (the NVIDIA 256px conversion stores the official recipe here).
+    """
+
+    model_cpu_offload_seq = "denoiser->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        denoiser,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        id2label: dict[int, str] | None = None,
+        default_num_inference_steps: int = 50,
+        default_guidance_scale: float = 1.0,
+        default_guidance_schedule: str = "constant",
+        default_guidance_power: float = 4.0,
+        default_guided_channels: int | None = 3,
+    ):
+        super().__init__()
+        if type(scheduler).__name__ not in SUPPORTED_SCHEDULERS:
+            raise ValueError(
+                f"Unsupported scheduler {type(scheduler).__name__}; use one of {', '.join(SUPPORTED_SCHEDULERS)}."
+            )
+        if default_guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(
+                f"Unknown guidance schedule {default_guidance_schedule!r}; choose one of "
+                f"{', '.join(GUIDANCE_SCHEDULES)}."
+            )
+        self.register_modules(denoiser=denoiser, scheduler=scheduler, vae=vae)
+        id2label = {int(k): v for k, v in id2label.items()} if id2label else None
+        self.register_to_config(
+            id2label=id2label,
+            default_num_inference_steps=default_num_inference_steps,
+            default_guidance_scale=default_guidance_scale,
+            default_guidance_schedule=default_guidance_schedule,
+            default_guidance_power=default_guidance_power,
+            default_guided_channels=default_guided_channels,
+        )
+        self.labels = {}
+        for class_id, names in (id2label or {}).items():
+            for name in names.split(","):
+                self.labels[name.strip()] = class_id
+        self.labels = dict(sorted(self.labels.items()))
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.denoiser.config.num_classes
+
+    @property
+    def null_class_id(self) -> int | None:
+        return self.denoiser.null_class_id
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Map class names (see ``id2label``) to class ids; unknown names raise with the closest known names."""
+        if not self.labels:
+            raise ValueError("This pipeline has no `id2label` mapping; pass integer class ids instead of names.")
+        ids = []
+        for name in [label] if isinstance(label, str) else label:
+            if name not in self.labels:
+                close = difflib.get_close_matches(name, list(self.labels), n=5, cutoff=0.5)
+                hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else ""
+                raise ValueError(f"Unknown class name {name!r}.{hint} See `pipe.labels` for all names.")
+            ids.append(self.labels[name])
+        return ids
+
+    def _class_label_tensor(
+        self, class_labels, batch_size: int, num_images_per_prompt: int, generator, device
+    ) -> torch.Tensor | None:
+        num_classes = self.num_classes
+        if num_classes is None:
+            if class_labels is not None:
+                raise ValueError("The denoiser is unconditional (`num_classes=None`); call without `class_labels`.")
+            return None
+        if class_labels is None:
+            label_generator = generator[0] if isinstance(generator, list) else generator
+            labels = torch.randint(
+                0, num_classes, (batch_size,), generator=label_generator, device=getattr(label_generator, "device", "cpu")
+            )
+        else:
+            if isinstance(class_labels, (int, str)) or (torch.is_tensor(class_labels) and class_labels.ndim == 0):
+                class_labels = [class_labels]
+            class_labels = list(class_labels.tolist() if torch.is_tensor(class_labels) else class_labels)
+            class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
+            labels = torch.tensor(class_labels, dtype=torch.long)
+            if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
+                raise ValueError(
+                    f"`class_labels` must be class ids in [0, {num_classes - 1}] (or names from `id2label`); "
+                    f"received {class_labels}."
+                )
+        return labels.repeat_interleave(num_images_per_prompt).to(device)
+
+    def _training_timestep(self, t: torch.Tensor, step_index: int, num_steps: int) -> float:
+        """``t`` on the 0..T-1 training scale, for the guidance ramp (EDM schedulers count steps instead)."""
+        num_train_timesteps = self.scheduler.config.get("num_train_timesteps", 1000)
+        if hasattr(self.scheduler, "precondition_noise"):
+            return num_train_timesteps * (1.0 - step_index / num_steps)
+        return float(t)
+
+    def _uses_learned_variance(self) -> bool:
+        return isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type in (
+            "learned",
+            "learned_range",
+        )
+
+    def _latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        config = self.denoiser.config
+        return (batch_size, config.in_channels, config.sample_size, config.sample_size)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
+        batch_size: int = 1,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str | None = None,
+        guidance_power: float | None = None,
+        guided_channels: int | None | str = "default",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample images.
+
+        Args:
+            class_labels: class ids or names (see ``id2label``) for a class-conditional denoiser; ``None`` draws
+                random classes (conditional) or samples unconditionally.
+            batch_size: number of images when ``class_labels`` is ``None``.
+            num_images_per_prompt: images per class label (or per batch entry).
+            num_inference_steps: denoising steps (default: ``default_num_inference_steps``).
+            guidance_scale: classifier-free guidance scale ``s``; ``1`` disables guidance.
+            guidance_schedule: ``"constant"`` or ``"power_cosine"`` (ramp from no guidance at ``t = T`` to ``s``).
+            guidance_power: exponent of the power-cosine ramp.
+            guided_channels: number of leading output channels that are guided (3 in DiffiT); ``None`` guides all.
+            generator: torch generator(s) for reproducible sampling.
+            latents: initial noise ``(B, C, H, W)`` in the denoiser's input space.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (the final denoiser-space
+                sample).
+            return_dict: return an ``ImagePipelineOutput`` rather than a tuple.
+            callback_on_step_end: called as ``fn(pipe, step_index, timestep, callback_kwargs)`` after each step; it
+                may return a dict replacing any of ``callback_on_step_end_tensor_inputs``.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback (subset of ``["latents"]``).
+
+        Returns:
+            ``ImagePipelineOutput`` with ``images``.
+        """
+        config = self.config
+        num_inference_steps = num_inference_steps or config.default_num_inference_steps
+        guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
+        guidance_schedule = guidance_schedule or config.default_guidance_schedule
+        guidance_power = config.default_guidance_power if guidance_power is None else guidance_power
+        guided_channels = config.default_guided_channels if guided_channels == "default" else guided_channels
+        callback_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self._check_call_arguments(output_type, guidance_schedule, guidance_scale, callback_inputs)
+        device = self._execution_device
+
+        labels = self._class_label_tensor(class_labels, batch_size, num_images_per_prompt, generator, device)
+        total = labels.shape[0] if labels is not None else batch_size * num_images_per_prompt
+        do_guidance = guidance_scale > 1.0
+        if do_guidance and self.null_class_id is None:
+            raise ValueError(
+                "Classifier-free guidance needs a class-conditional denoiser with a null class "
+                "(`num_classes` set and `class_dropout_prob > 0` when it was trained); use `guidance_scale=1`."
+            )
+
+        shape = self._latent_shape(total)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.denoiser.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, received {tuple(latents.shape)}.")
+        latents = latents.to(device=device, dtype=self.denoiser.dtype) * self.scheduler.init_noise_sigma
+        model_labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)]) if do_guidance else labels
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        prediction_channels = latents.shape[1]
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if takes_generator else {}
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            if do_guidance:
+                model_input = torch.cat([model_input, model_input])
+            timestep = t.to(device=device, dtype=torch.float32).expand(model_input.shape[0])
+            output = self.denoiser(model_input, timestep, model_labels).sample
+            if do_guidance:
+                conditional, unconditional = output.chunk(2)
+                weight = guidance_weight(
+                    self._training_timestep(t, i, len(timesteps)),
+                    guidance_scale,
+                    guidance_schedule,
+                    guidance_power,
+                    self.scheduler.config.get("num_train_timesteps", 1000),
+                )
+                output = apply_guidance(conditional, unconditional, weight, guided_channels)
+            if not self._uses_learned_variance():
+                output = output[:, :prediction_channels]
+            elif output.shape[1] != 2 * prediction_channels:
+                raise ValueError(
+                    f"DDPMScheduler(variance_type={self.scheduler.config.variance_type!r}) needs a denoiser that "
+                    f"also predicts the variance ({2 * prediction_channels} output channels, e.g. `learn_sigma=True`),"
+                    f" but it returns {output.shape[1]}. Use variance_type='fixed_small' instead."
+                )
+            latents = self.scheduler.step(output, t, latents, **step_kwargs).prev_sample
+
+            if callback_on_step_end is not None:
+                step_tensors = {"latents": latents}
+                callback_kwargs = {name: step_tensors[name] for name in callback_inputs}
+                callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                latents = callback_outputs.pop("latents", latents)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            if self.vae is not None:
+                images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            else:
+                images = latents
+            images = (images.float() / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def _check_call_arguments(
+        self, output_type: str, guidance_schedule: str, guidance_scale: float, callback_inputs: list[str]
+    ) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unsupported `output_type` {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}.")
+        if guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(
+                f"Unknown guidance schedule {guidance_schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}."
+            )
+        if guidance_scale < 1.0:
+            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}.")
+        unknown = set(callback_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
+            )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save as a diffusers folder that ``DiffiTPipeline.from_pretrained`` and the generic
+        ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` both load, locally or from the Hub."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        index_file = folder / self.config_name
+        index = json.loads(index_file.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index["denoiser"] = [DENOISER_MODULE, type(self.denoiser).__name__]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / f"{PIPELINE_MODULE}.py").write_text(
+            '"""Makes this folder loadable with diffusers\' generic DiffusionPipeline.from_pretrained '
+            '(requires `pip install diffit-diffusers`)."""\n\nfrom diffit_diffusers import DiffiTPipeline\n\n'
+            '__all__ = ["DiffiTPipeline"]\n'
+        )
+        (folder / "denoiser" / f"{DENOISER_MODULE}.py").write_text(
+            '"""Lets diffusers find the DiffiT denoiser classes (requires `pip install diffit-diffusers`)."""\n\n'
+            "from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel\n\n"
+            '__all__ = ["DiffiTTransformer2DModel", "DiffiTUNet2DModel"]\n'
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload DiffiT pipeline",
+        private: bool = False,
+        token: str | None = None,
+        sample_images: list | None = None,
+        **model_card_kwargs: Any,
+    ) -> str:
+        """Save the pipeline with a DiffiT model card (see ``diffit_diffusers.hub.create_model_card``, which takes
+        ``model_card_kwargs`` such as ``license``, ``datasets`` or ``training_summary``) and upload it to ``repo_id``.
+
+        Returns:
+            The URL of the Hub commit.
+        """
+        from ..hub import create_model_card, push_folder_to_hub
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            model_card_kwargs.setdefault("config", dict(self.denoiser.config))
+            create_model_card(folder, repo_id=repo_id, sample_images=sample_images, **model_card_kwargs)
+            return push_folder_to_hub(folder, repo_id, token=token, private=private, commit_message=commit_message)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        **components: Any,
+    ) -> "DiffiTPipeline":
+        """Load a pipeline folder or Hub repo saved by :meth:`save_pretrained`.
+
+        The components' classes come from this package and diffusers only: no code from the folder is executed.
+        Keyword arguments named after a component (``denoiser``, ``scheduler``, ``vae``) or an init argument replace
+        what the folder holds.
+        """
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            folder = Path(
+                snapshot_download(
+                    str(pretrained_model_name_or_path),
+                    allow_patterns=[cls.config_name, "denoiser/*", "scheduler/*", "vae/*"],
+                    cache_dir=cache_dir,
+                    revision=revision,
+                    token=token,
+                    local_files_only=bool(local_files_only),
+                )
+            )
+        index_file = folder / cls.config_name
+        if not index_file.is_file():
+            raise FileNotFoundError(
+                f"{index_file} does not exist: {pretrained_model_name_or_path} is not a saved pipeline folder. "
+                "Save one with `DiffiTPipeline.save_pretrained` or the training scripts."
+            )
+        index = json.loads(index_file.read_text())
+        kwargs = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+        if "denoiser" not in components:
+            denoiser_cls = _denoiser_classes().get(index["denoiser"][1])
+            if denoiser_cls is None:
+                raise ValueError(
+                    f"model_index.json names an unknown denoiser class {index['denoiser'][1]!r}; expected one of "
+                    f"{', '.join(_denoiser_classes())}."
+                )
+            components["denoiser"] = denoiser_cls.from_pretrained(folder / "denoiser", torch_dtype=torch_dtype)
+        if "scheduler" not in components:
+            scheduler_cls = getattr(diffusers, index["scheduler"][1])
+            components["scheduler"] = scheduler_cls.from_pretrained(folder / "scheduler")
+        if "vae" not in components:
+            vae_entry = index.get("vae") or [None, None]
+            components["vae"] = (
+                AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype) if vae_entry[0] else None
+            )
+        pipeline = cls(**{**kwargs, **components})
+        pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipeline

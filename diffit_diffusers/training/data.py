@@ -1,0 +1,685 @@
+"""Training data for DiffiT: dataset sources, PIL + torch image transforms and exactly resumable batch loading.
+
+Sources are Hugging Face `datasets`: a Hub dataset, a local dataset folder or data file (parquet, arrow, a folder
+written by `save_to_disk`), an image folder (class sub-folders become labels) or the built-in offline `"digits"`
+dataset. Examples are dicts `{"pixel_values": FloatTensor (C, H, W) in [-1, 1], "class_labels": LongTensor ()}`
+(labels only for class-conditional training).
+
+Images are decoded lazily, so unreadable ones (bytes PIL cannot decode, truncated or missing files) are skipped,
+counted in `skipped_images` and reported through `logging` and an optional callback. [`ResumableLoader`] turns a
+dataset into an infinite stream of batches whose position can be saved and restored exactly.
+"""
+
+import copy
+import logging
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+from datasets.distributed import split_dataset_by_node
+
+
+logger = logging.getLogger(__name__)
+
+DIGITS_DATASET_NAME = "digits"
+DIGITS_NUM_CLASSES = 10
+
+# Local data files that `dataset_name` may point at, with the `datasets` builder that reads each kind.
+_DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
+# A map-style dataset is split into this many shards (at most one per example) when it is streamed.
+_STREAMING_NUM_SHARDS = 16
+# Shards read in turn to fill the shuffle blocks of a stream.
+_MAX_INTERLEAVED_SHARDS = 10
+# What PIL and `datasets` raise for undecodable bytes, truncated files, missing files or empty image cells.
+_UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, PIL.Image.DecompressionBombError)
+_RAW_IMAGE_FEATURE = datasets.Image(decode=False)
+_IMAGE_DECODER = datasets.Image()
+
+UnreadableImageCallback = Callable[[str, Exception], None]
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from and how they are turned into tensors.
+
+    Args:
+        dataset_name (`str`, *optional*):
+            A Hub dataset id, a local dataset folder or data file (`.parquet`, `.arrow`, a `save_to_disk` folder),
+            or `"digits"` for scikit-learn's bundled 8x8 handwritten digits (offline, 1797 images, labels 0-9).
+        dataset_config_name (`str`, *optional*): The configuration of a Hub dataset.
+        split (`str`, defaults to `"train"`): The split to train on.
+        train_data_dir (`str`, *optional*):
+            An image folder, read with the `datasets` "imagefolder" builder; class sub-folders become labels.
+            Exactly one of `dataset_name` and `train_data_dir` must be given.
+        image_column (`str`, defaults to `"image"`):
+            The column holding the images. When left at `"image"` and no such column exists, the single column
+            with an `Image` feature is used.
+        label_column (`str`, *optional*):
+            The column holding class labels; `None` trains unconditionally. A `ClassLabel` feature gives the
+            class names; other columns are class-encoded (map-style datasets only).
+        resolution (`int`, defaults to 32): Side of the square training images.
+        center_crop (`bool`, defaults to `True`): Center crop after resizing; `False` crops at a random place.
+        random_flip (`bool`, defaults to `False`): Flip images horizontally with probability 0.5.
+        num_channels (`int`, defaults to 3): 3 converts images to RGB, 1 to grayscale.
+        streaming (`bool`, defaults to `False`): Stream the dataset instead of loading it into the local cache.
+        shuffle_buffer_size (`int`, defaults to 1000): Examples shuffled together when streaming.
+        seed (`int`, defaults to 0): Seed of the shuffling and of the random crops and flips.
+        max_train_samples (`int`, *optional*):
+            Train on at most this many examples: a seeded random subset for map-style datasets, the first ones of
+            the stream when streaming.
+        cache_dir (`str`, *optional*): The `datasets` cache folder.
+    """
+
+    dataset_name: Optional[str] = None
+    dataset_config_name: Optional[str] = None
+    split: str = "train"
+    train_data_dir: Optional[str] = None
+    image_column: str = "image"
+    label_column: Optional[str] = None
+    resolution: int = 32
+    center_crop: bool = True
+    random_flip: bool = False
+    num_channels: int = 3
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
+    seed: int = 0
+    max_train_samples: Optional[int] = None
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if self.dataset_name is None and self.train_data_dir is None:
+            raise ValueError(
+                "No training data given: set `dataset_name` (a Hub dataset id, a local dataset path or "
+                f"'{DIGITS_DATASET_NAME}') or `train_data_dir` (an image folder)."
+            )
+        if self.dataset_name is not None and self.train_data_dir is not None:
+            raise ValueError(
+                f"Both `dataset_name` ({self.dataset_name!r}) and `train_data_dir` ({self.train_data_dir!r}) are "
+                "set; set only one of them."
+            )
+        for name in ("resolution", "shuffle_buffer_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"`max_train_samples` must be a positive integer or None, got {self.max_train_samples}.")
+        if self.seed < 0:
+            raise ValueError(f"`seed` must be a non-negative integer, got {self.seed}.")
+        _image_mode(self.num_channels)
+
+
+def _image_mode(num_channels: int) -> str:
+    modes = {1: "L", 3: "RGB"}
+    if num_channels not in modes:
+        raise ValueError(f"`num_channels` must be 1 (grayscale) or 3 (RGB), got {num_channels}.")
+    return modes[num_channels]
+
+
+def _derive_generator(*key: int) -> torch.Generator:
+    """A torch generator seeded from a tuple of non-negative integers (seed, epoch, position, ...)."""
+    seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+class ImageTransform:
+    """Turns a PIL image into a float tensor (C, H, W) in [-1, 1] with `H = W = resolution`.
+
+    The image is converted to RGB or grayscale, resized (bicubic) so that its shorter side equals `resolution`,
+    cropped to a square at the center or at a random place, and flipped horizontally with probability 0.5 when
+    `random_flip` is set. Random choices are drawn from the `generator` passed to each call.
+    """
+
+    def __init__(self, resolution: int, num_channels: int = 3, center_crop: bool = True, random_flip: bool = False):
+        if resolution < 1:
+            raise ValueError(f"`resolution` must be a positive integer, got {resolution}.")
+        self.resolution = resolution
+        self.mode = _image_mode(num_channels)
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> "ImageTransform":
+        return cls(config.resolution, config.num_channels, config.center_crop, config.random_flip)
+
+    def __call__(self, image: PIL.Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        image = image.convert(self.mode)
+        width, height = image.size
+        scale = self.resolution / min(width, height)
+        if scale != 1:
+            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+            image = image.resize(size, PIL.Image.Resampling.BICUBIC)
+            width, height = size
+        if self.center_crop:
+            left = round((width - self.resolution) / 2)
+            top = round((height - self.resolution) / 2)
+        else:
+            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
+            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and float(torch.rand((), generator=generator)) < 0.5:
+            image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+        pixels = pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels
+        return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_digits_dataset(resolution: int = 8) -> datasets.Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images) as a `datasets.Dataset` with `image` and `label` columns.
+
+    Pixel intensities 0..16 are scaled to 0..255 and the grayscale images are upsampled to `resolution` with
+    bicubic interpolation, which draws smooth strokes; nearest-neighbour upsampling would instead turn every
+    source pixel into a hard-edged block whose grid dominates what a model has to learn. Labels are a
+    `ClassLabel` with names "0".."9".
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(
+            f"The built-in '{DIGITS_DATASET_NAME}' dataset needs scikit-learn: `pip install scikit-learn`."
+        ) from error
+    if resolution < 1:
+        raise ValueError(f"`resolution` must be a positive integer, got {resolution}.")
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    size = (resolution, resolution)
+    images = [PIL.Image.fromarray(image).resize(size, PIL.Image.Resampling.BICUBIC) for image in pixels]
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=[str(digit) for digit in range(DIGITS_NUM_CLASSES)]),
+        }
+    )
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    path = Path(name)
+    has_path_form = path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2
+    return has_path_form or path.suffix in _DATA_FILE_BUILDERS
+
+
+def _select_split(dataset_dict: datasets.DatasetDict, split: str, source_name: str) -> datasets.Dataset:
+    if split not in dataset_dict:
+        raise ValueError(f"Split {split!r} not found in {source_name}; available splits: {sorted(dataset_dict)}.")
+    return dataset_dict[split]
+
+
+def _load_source(config: DataConfig) -> tuple[Union[datasets.Dataset, datasets.IterableDataset], str]:
+    """Loads the configured dataset split; returns it with a name for messages."""
+    load_kwargs = {"split": config.split, "cache_dir": config.cache_dir, "streaming": config.streaming}
+    if config.train_data_dir is not None:
+        folder = Path(config.train_data_dir).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"`train_data_dir` {str(folder)!r} is not an existing folder; expected a folder of images, "
+                "optionally with one sub-folder per class."
+            )
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), **load_kwargs)
+        return dataset, f"image folder {str(folder)!r}"
+
+    name = config.dataset_name
+    if name == DIGITS_DATASET_NAME:
+        if config.split != "train":
+            raise ValueError(f"The '{DIGITS_DATASET_NAME}' dataset only has a 'train' split, got {config.split!r}.")
+        return load_digits_dataset(config.resolution), f"the built-in '{DIGITS_DATASET_NAME}' dataset"
+
+    path = Path(name).expanduser()
+    source_name = f"dataset {name!r}"
+    if path.is_file():
+        if path.suffix not in _DATA_FILE_BUILDERS:
+            raise ValueError(
+                f"Unsupported data file {name!r}; `dataset_name` may be a {' or '.join(_DATA_FILE_BUILDERS)} file, "
+                "a dataset folder or a Hub dataset id."
+            )
+        builder = _DATA_FILE_BUILDERS[path.suffix]
+        return datasets.load_dataset(builder, data_files=str(path), **load_kwargs), source_name
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            return _select_split(datasets.load_from_disk(str(path)), config.split, source_name), source_name
+        if (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path)), source_name
+        return datasets.load_dataset(str(path), config.dataset_config_name, **load_kwargs), source_name
+    if _looks_like_local_path(name):
+        raise FileNotFoundError(
+            f"`dataset_name` {name!r} looks like a local path but nothing exists at {str(path.resolve())!r}; "
+            f"expected a {' or '.join(_DATA_FILE_BUILDERS)} file or a dataset folder."
+        )
+    return datasets.load_dataset(name, config.dataset_config_name, **load_kwargs), source_name
+
+
+def _resolve_image_column(features: datasets.Features, image_column: str, source_name: str) -> str:
+    if image_column in features:
+        feature = features[image_column]
+        if not isinstance(feature, datasets.Image) and getattr(feature, "dtype", None) not in (
+            "binary",
+            "large_binary",
+            "string",
+            "large_string",
+        ):
+            raise ValueError(
+                f"Column {image_column!r} of {source_name} holds {feature}, not images (an Image feature, image "
+                "bytes or image paths); set `image_column` to the column with the images."
+            )
+        return image_column
+    image_columns = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if image_column == DataConfig.image_column and len(image_columns) == 1:
+        return image_columns[0]
+    raise ValueError(
+        f"Image column {image_column!r} not found in {source_name}; available columns: {list(features)}. "
+        "Set `image_column` to one of them."
+    )
+
+
+def _prepare_columns(
+    dataset: Union[datasets.Dataset, datasets.IterableDataset], config: DataConfig, source_name: str
+) -> tuple[Union[datasets.Dataset, datasets.IterableDataset], str, Optional[list[str]]]:
+    """Keeps the image (undecoded) and label columns; returns the dataset, image column and class names."""
+    features = dataset.features
+    if features is None:
+        raise ValueError(
+            f"The columns of {source_name} are unknown before reading it; use a dataset with declared features "
+            "(parquet, arrow, an image folder or a Hub dataset with a dataset card) or turn off streaming."
+        )
+    image_column = _resolve_image_column(features, config.image_column, source_name)
+    columns = [image_column]
+    class_names = None
+    label_column = config.label_column
+    if label_column is not None:
+        if label_column not in features:
+            raise ValueError(
+                f"Label column {label_column!r} not found in {source_name}; available columns: {list(features)}. "
+                "Set `label_column` to one of them, or to None for unconditional training."
+            )
+        if not isinstance(features[label_column], datasets.ClassLabel):
+            if isinstance(dataset, datasets.IterableDataset):
+                raise ValueError(
+                    f"Label column {label_column!r} of {source_name} is {features[label_column]}, not a ClassLabel; "
+                    "streaming cannot list the classes up front. Turn off streaming or use a ClassLabel column."
+                )
+            dataset = dataset.class_encode_column(label_column)
+        class_names = list(dataset.features[label_column].names)
+        columns.append(label_column)
+    dataset = dataset.select_columns(columns).cast_column(image_column, _RAW_IMAGE_FEATURE)
+    return dataset, image_column, class_names
+
+
+class _ImageExamples:
+    """What map-style and streaming datasets share: decoding, transforms, labels and unreadable-image accounting.
+
+    Attributes:
+        num_classes (`int` or `None`): Number of classes, `None` for unconditional training.
+        id2label (`dict[int, str]` or `None`): Class names by label id, `None` for unconditional training.
+        skipped_images (`int`): Unreadable images skipped so far (in this process).
+        source_name (`str`): The dataset or folder the examples come from, for messages.
+        seed (`int`): Seed of the shuffling and of the random crops and flips.
+        process_index, num_processes (`int`): The process this dataset serves, out of how many.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_column: str,
+        label_column: Optional[str],
+        class_names: Optional[list[str]],
+        transform: ImageTransform,
+        seed: int,
+        source_name: str,
+        process_index: int,
+        num_processes: int,
+        on_unreadable_image: Optional[UnreadableImageCallback],
+    ):
+        self.image_column = image_column
+        self.label_column = label_column
+        self.num_classes = None if class_names is None else len(class_names)
+        self.id2label = None if class_names is None else dict(enumerate(class_names))
+        self.transform = transform
+        self.seed = seed
+        self.source_name = source_name
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.on_unreadable_image = on_unreadable_image
+        self.skipped_images = 0
+
+    def _make_example(
+        self, row: dict[str, Any], generator: torch.Generator, where: str
+    ) -> Optional[dict[str, torch.Tensor]]:
+        """Decodes and transforms one raw row; returns `None` (after reporting it) when the image is unreadable."""
+        cell = row[self.image_column]
+        try:
+            image = _IMAGE_DECODER.decode_example(cell)
+        except _UNREADABLE_IMAGE_ERRORS as error:
+            self.skipped_images += 1
+            description = f"{where} ({cell['path']})" if cell and cell["path"] else where
+            logger.warning(
+                f"Skipping unreadable image {description} in column {self.image_column!r} of {self.source_name}: "
+                f"{error} ({self.skipped_images} skipped so far)."
+            )
+            if self.on_unreadable_image is not None:
+                self.on_unreadable_image(description, error)
+            return None
+        example = {"pixel_values": self.transform(image, generator)}
+        if self.label_column is not None:
+            label = row[self.label_column]
+            if label is None or not 0 <= label < self.num_classes:
+                raise ValueError(
+                    f"{where} of {self.source_name} has label {label!r} in column {self.label_column!r}, outside "
+                    f"0..{self.num_classes - 1}; remove unlabeled rows or train unconditionally (label_column=None)."
+                )
+            example["class_labels"] = torch.tensor(label, dtype=torch.long)
+        return example
+
+    def _no_usable_image_error(self) -> ValueError:
+        share = f" for process {self.process_index} of {self.num_processes}" if self.num_processes > 1 else ""
+        reason = (
+            f"{self.skipped_images} unreadable image(s) skipped and none could be decoded"
+            if self.skipped_images
+            else "no examples reached this process (fewer examples or shards than processes?)"
+        )
+        return ValueError(f"No usable image in column {self.image_column!r} of {self.source_name}{share}: {reason}.")
+
+
+class ImageDataset(_ImageExamples, torch.utils.data.Dataset):
+    """Map-style training images: `dataset[i]` is `{"pixel_values": (C, H, W), "class_labels": ()}`.
+
+    The whole dataset is visible to every process (shard it with accelerate or use [`ResumableLoader`]). Random
+    crops and flips depend only on `(seed, epoch, index)`, so they are reproducible with any number of workers;
+    call `set_epoch` at each epoch. An unreadable image is skipped: its index is served by the next readable
+    index (wrapping around), so batches stay full; it is counted once in `skipped_images`.
+    """
+
+    def __init__(self, hf_dataset: datasets.Dataset, **kwargs):
+        super().__init__(**kwargs)
+        self.hf_dataset = hf_dataset
+        self.epoch = 0
+        self._unreadable_indices: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.hf_dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"Index {index} out of range for a dataset of {len(self)} examples.")
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            if candidate in self._unreadable_indices:
+                continue
+            generator = _derive_generator(self.seed, self.epoch, candidate)
+            example = self._make_example(self.hf_dataset[candidate], generator, f"row {candidate}")
+            if example is not None:
+                return example
+            self._unreadable_indices.add(candidate)
+        raise self._no_usable_image_error()
+
+
+@contextmanager
+def _without_buffer_refill_warning():
+    """Silences `datasets`' warning that a restored shuffle buffer is refilled.
+
+    The `datasets` shuffle below only orders and interleaves shards; its buffer holds a single example that is
+    handed on at once, so nothing is lost on restore and the warning would be misleading.
+    """
+
+    def drop_refill_warning(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Loading a state dict of a shuffle buffer")
+
+    datasets_logger = logging.getLogger("datasets.iterable_dataset")
+    datasets_logger.addFilter(drop_refill_warning)
+    try:
+        yield
+    finally:
+        datasets_logger.removeFilter(drop_refill_warning)
+
+
+class StreamingImageDataset(_ImageExamples, torch.utils.data.IterableDataset):
+    """Streamed training images for one process, shuffled in blocks and exactly resumable.
+
+    `hf_stream` is the whole `datasets.IterableDataset` (shard order already shuffled with a fixed seed); each
+    pass takes this process's share with `split_dataset_by_node`. Examples are shuffled in blocks of
+    `shuffle_buffer_size`: a block is read, permuted with a generator seeded by `(seed, process, epoch, block)`
+    and handed out. `datasets`' own shuffle buffer drops its content when a state is restored, whereas a block is
+    re-read from the `datasets` state saved at its start, so `load_state_dict` resumes with exactly the next
+    example, re-reading (not decoding) at most one block.
+
+    Iterating yields the rest of the current epoch and then moves to the start of the next one. Track the
+    position with `state_dict()` while iterating in the main process ([`ResumableLoader`] does).
+    """
+
+    def __init__(self, hf_stream: datasets.IterableDataset, *, shuffle_buffer_size: int, **kwargs):
+        super().__init__(**kwargs)
+        if shuffle_buffer_size < 1:
+            raise ValueError(f"`shuffle_buffer_size` must be a positive integer, got {shuffle_buffer_size}.")
+        self.hf_stream = hf_stream
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.set_epoch(0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Moves to the start of `epoch`."""
+        self._epoch = epoch
+        self._block_index = 0
+        self._block_offset = 0
+        self._block_start_state: Optional[dict] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last yielded example (JSON-serializable)."""
+        return {
+            "kind": "streaming",
+            "epoch": self._epoch,
+            "block_index": self._block_index,
+            "block_offset": self._block_offset,
+            "block_start_state": copy.deepcopy(self._block_start_state),
+            "shuffle_buffer_size": self.shuffle_buffer_size,
+            "seed": self.seed,
+            "process_index": self.process_index,
+            "num_processes": self.num_processes,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a position saved by `state_dict()`; the next iteration continues from it."""
+        _check_state_matches(
+            state_dict,
+            kind="streaming",
+            seed=self.seed,
+            shuffle_buffer_size=self.shuffle_buffer_size,
+            process_index=self.process_index,
+            num_processes=self.num_processes,
+        )
+        self._epoch = state_dict["epoch"]
+        self._block_index = state_dict["block_index"]
+        self._block_offset = state_dict["block_offset"]
+        self._block_start_state = copy.deepcopy(state_dict["block_start_state"])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch, from_epoch_start = self._epoch, self._block_start_state is None and self._block_offset == 0
+        # A new split per pass gives a stream object with its own `datasets` state, free of earlier restores.
+        stream = split_dataset_by_node(self.hf_stream, rank=self.process_index, world_size=self.num_processes)
+        stream.set_epoch(epoch)
+        if self._block_start_state is not None:
+            stream.load_state_dict(self._block_start_state)
+        raw_examples = iter(stream)
+        found_usable_image = False
+        while True:
+            with _without_buffer_refill_warning():
+                block = list(islice(raw_examples, self.shuffle_buffer_size))
+            if not block:
+                break
+            next_block_start_state = stream.state_dict()
+            block_index = self._block_index
+            order = torch.randperm(
+                len(block), generator=_derive_generator(self.seed, self.process_index, epoch, block_index)
+            ).tolist()
+            for position in range(self._block_offset, len(block)):
+                self._block_offset = position + 1
+                generator = _derive_generator(self.seed, self.process_index, epoch, block_index, position)
+                where = f"example {position} of block {block_index} (epoch {epoch}, process {self.process_index})"
+                example = self._make_example(block[order[position]], generator, where)
+                if example is not None:
+                    found_usable_image = True
+                    yield example
+            self._block_index, self._block_offset = block_index + 1, 0
+            self._block_start_state = next_block_start_state
+        if from_epoch_start and not found_usable_image:
+            raise self._no_usable_image_error()
+        self.set_epoch(epoch + 1)
+
+
+def _check_state_matches(state_dict: dict[str, Any], **expected: Any) -> None:
+    for key, value in expected.items():
+        if state_dict.get(key) != value:
+            raise ValueError(
+                f"Cannot restore a data loader state saved with {key}={state_dict.get(key)!r} into one with "
+                f"{key}={value!r}; resume with the same data settings, process count and process index."
+            )
+
+
+def load_training_dataset(
+    config: DataConfig,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+    on_unreadable_image: Optional[UnreadableImageCallback] = None,
+) -> Union[ImageDataset, StreamingImageDataset]:
+    """Loads the training images described by `config` for process `process_index` of `num_processes`.
+
+    Returns an [`ImageDataset`] (map-style, every example visible to every process) or, when `config.streaming`,
+    a [`StreamingImageDataset`] holding this process's share of the stream. `on_unreadable_image(description,
+    error)` is called for every skipped image, in addition to a `logging` warning.
+    """
+    if not 0 <= process_index < num_processes:
+        raise ValueError(
+            f"`process_index` must be in 0..{num_processes - 1} for {num_processes} process(es), got {process_index}."
+        )
+    dataset, source_name = _load_source(config)
+    if config.streaming and isinstance(dataset, datasets.Dataset):
+        dataset = dataset.to_iterable_dataset(num_shards=min(_STREAMING_NUM_SHARDS, max(1, len(dataset))))
+    dataset, image_column, class_names = _prepare_columns(dataset, config, source_name)
+    common = {
+        "image_column": image_column,
+        "label_column": config.label_column,
+        "class_names": class_names,
+        "transform": ImageTransform.from_config(config),
+        "seed": config.seed,
+        "source_name": source_name,
+        "process_index": process_index,
+        "num_processes": num_processes,
+        "on_unreadable_image": on_unreadable_image,
+    }
+    if isinstance(dataset, datasets.IterableDataset):
+        if config.max_train_samples is not None:
+            dataset = dataset.take(config.max_train_samples)
+        # A one-example buffer: `datasets` shuffles the shards and interleaves up to 10 of them (its default), the
+        # blocks shuffle the examples. A single shard is not interleaved: that would only add `datasets`' 5 s
+        # pause at the end of every pass over a parquet stream.
+        interleaved_shards = min(_MAX_INTERLEAVED_SHARDS, dataset.num_shards)
+        dataset = dataset.shuffle(seed=config.seed, buffer_size=1, max_buffer_input_shards=interleaved_shards)
+        return StreamingImageDataset(dataset, shuffle_buffer_size=config.shuffle_buffer_size, **common)
+    if len(dataset) == 0:
+        raise ValueError(f"{source_name} has no examples in split {config.split!r}.")
+    if config.max_train_samples is not None and config.max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=config.seed).select(range(config.max_train_samples))
+    return ImageDataset(dataset, **common)
+
+
+def collate_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stacks examples into `{"pixel_values": (B, C, H, W), "class_labels": (B,)}`."""
+    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+class ResumableLoader:
+    """An endless stream of batches from one process's share of a training dataset, with exact resume.
+
+    For an [`ImageDataset`] each epoch visits a permutation seeded by `(seed, epoch)`, of which process `r` of
+    `w` takes positions `r, r + w, ...`; the state is the epoch and the position in it. For a
+    [`StreamingImageDataset`] the state is the dataset's own. Batches run across epoch boundaries. Restoring
+    `state_dict()` into a loader built the same way yields exactly the batches that would have followed.
+
+    The state belongs to one process: with several processes, save and restore each process's state.
+    """
+
+    def __init__(self, dataset: Union[ImageDataset, StreamingImageDataset], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self._examples: Optional[Iterator[dict[str, torch.Tensor]]] = None
+        if isinstance(dataset, ImageDataset):
+            self._position = 0
+            self._set_epoch(0)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next example comes from."""
+        return self.dataset.epoch
+
+    def _set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        permutation = torch.randperm(len(self.dataset), generator=_derive_generator(self.dataset.seed, epoch))
+        self._indices = permutation[self.dataset.process_index :: self.dataset.num_processes].tolist()
+        if not self._indices:
+            raise ValueError(
+                f"{self.dataset.source_name} has {len(self.dataset)} example(s), fewer than the "
+                f"{self.dataset.num_processes} processes; process {self.dataset.process_index} would get none."
+            )
+
+    def _next_example(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.dataset, ImageDataset):
+            if self._position == len(self._indices):
+                self._set_epoch(self.epoch + 1)
+                self._position = 0
+            example = self.dataset[self._indices[self._position]]
+            self._position += 1
+            return example
+        while True:
+            if self._examples is None:
+                self._examples = iter(self.dataset)
+            example = next(self._examples, None)
+            if example is not None:
+                return example
+            self._examples = None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next `{"pixel_values": (B, C, H, W), "class_labels": (B,)}` batch (labels only when labeled)."""
+        return collate_examples([self._next_example() for _ in range(self.batch_size)])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position (JSON-serializable)."""
+        if isinstance(self.dataset, StreamingImageDataset):
+            return self.dataset.state_dict()
+        return {
+            "kind": "map",
+            "epoch": self.epoch,
+            "position": self._position,
+            "seed": self.dataset.seed,
+            "num_examples": len(self.dataset),
+            "process_index": self.dataset.process_index,
+            "num_processes": self.dataset.num_processes,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a position saved by `state_dict()`."""
+        self._examples = None
+        if isinstance(self.dataset, StreamingImageDataset):
+            self.dataset.load_state_dict(state_dict)
+            return
+        _check_state_matches(
+            state_dict,
+            kind="map",
+            seed=self.dataset.seed,
+            num_examples=len(self.dataset),
+            process_index=self.dataset.process_index,
+            num_processes=self.dataset.num_processes,
+        )
+        self._set_epoch(state_dict["epoch"])
+        self._position = state_dict["position"]

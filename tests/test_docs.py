@@ -1,0 +1,153 @@
+"""The documentation: every Python snippet runs (page by page, in order, offline, on tiny models), the presets table
+matches the code, and the site builds with `mkdocs build --strict`."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel, available_presets, load_preset_config
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOCS_DIR = REPO_ROOT / "docs"
+PYTHON_LANGUAGES = ("python", "py")
+#: Languages a fenced block may name. Only Python blocks are executed; every block must name its language so that
+#: no Python snippet can slip past the tests untagged.
+KNOWN_LANGUAGES = (*PYTHON_LANGUAGES, "bash", "text", "mermaid", "bibtex", "json", "yaml")
+FENCE_OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^`]*)$")
+PRESETS_PAGE = DOCS_DIR / "concepts" / "architectures.md"
+PRESET_ROW = re.compile(r"^\|\s*`(?P<name>[^`]+)`\s*\|.*\|\s*(?P<parameters>[\d,]+)\s*\|\s*$")
+#: What `mkdocs build` needs: the `docs` extra.
+DOCS_MODULES = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers")
+MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel)}
+
+
+@dataclass(frozen=True)
+class CodeBlock:
+    page: Path
+    line: int  # 1-based line of the block's first code line
+    language: str
+    code: str
+
+
+def code_blocks(page: Path) -> list[CodeBlock]:
+    """The fenced code blocks of a Markdown page, with the indentation of their fence (admonitions, tabs) removed."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks, index = [], 0
+    while index < len(lines):
+        match = FENCE_OPEN.match(lines[index])
+        if match is None:
+            index += 1
+            continue
+        indent, fence = match["indent"], match["fence"]
+        closing = re.compile(rf"^{re.escape(indent)}{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
+        end = next((i for i in range(index + 1, len(lines)) if closing.match(lines[i])), None)
+        if end is None:
+            raise ValueError(f"{page}:{index + 1}: code fence {fence!r} is never closed.")
+        info = match["info"].split()
+        body = [line[len(indent) :] if line.startswith(indent) else line.lstrip() for line in lines[index + 1 : end]]
+        blocks.append(CodeBlock(page, index + 2, info[0] if info else "", "\n".join(body) + "\n"))
+        index = end + 1
+    return blocks
+
+
+def python_blocks(page: Path) -> list[CodeBlock]:
+    return [block for block in code_blocks(page) if block.language in PYTHON_LANGUAGES]
+
+
+def page_id(page: Path) -> str:
+    return page.relative_to(DOCS_DIR).as_posix()
+
+
+PAGES = sorted(DOCS_DIR.rglob("*.md"))
+PAGES_WITH_PYTHON = [page for page in PAGES if python_blocks(page)]
+
+
+def test_docs_have_python_snippets_to_run():
+    assert len(PAGES) >= 10
+    assert len(PAGES_WITH_PYTHON) >= 8, [page_id(page) for page in PAGES_WITH_PYTHON]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_code_block_names_a_known_language(page):
+    blocks = code_blocks(page)
+    unknown = [f"line {block.line - 1}: {block.language!r}" for block in blocks if block.language not in KNOWN_LANGUAGES]
+    assert not unknown, f"{page_id(page)} has code blocks in unknown or missing languages: {unknown}"
+
+
+def test_code_block_parser_handles_indented_fences(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text\n\n```python\nx = 1\n```\n\n!!! note\n    ```python\n    if x:\n        y = 2\n    ```\n\n"
+        "````text\n```python\nnot code\n```\n````\n"
+    )
+    blocks = code_blocks(page)
+    assert [(b.line, b.language, b.code) for b in blocks] == [
+        (4, "python", "x = 1\n"),
+        (9, "python", "if x:\n    y = 2\n"),
+        (14, "text", "```python\nnot code\n```\n"),
+    ]
+    page.write_text("```python\nx = 1\n")
+    with pytest.raises(ValueError, match="never closed"):
+        code_blocks(page)
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=page_id)
+def test_page_snippets_run(page, tmp_path, monkeypatch, hub_server):
+    """Run a page's Python blocks in order in one namespace, inside an empty working directory.
+
+    `hub_server` answers every Hugging Face Hub call on 127.0.0.1, so the Hub guide's uploads and downloads run for
+    real without leaving the machine; nothing else on any page touches the network.
+    """
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace = {"__name__": "__main__"}
+    for block in python_blocks(page):
+        # Leading newlines make tracebacks point at the block's lines in the Markdown page.
+        code = compile("\n" * (block.line - 1) + block.code, str(page.relative_to(REPO_ROOT)), "exec")
+        exec(code, namespace)
+
+
+def _parameter_count(preset: str) -> int:
+    config = load_preset_config(preset)
+    with torch.device("meta"):
+        model = MODEL_CLASSES[config["_class_name"]].from_preset(preset)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def test_presets_table_lists_every_preset_with_its_parameter_count():
+    rows = {}
+    for line in PRESETS_PAGE.read_text(encoding="utf-8").splitlines():
+        match = PRESET_ROW.match(line)
+        if match:
+            rows[match["name"]] = int(match["parameters"].replace(",", ""))
+    assert sorted(rows) == sorted(available_presets())
+    assert rows == {preset: _parameter_count(preset) for preset in rows}
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict(tmp_path):
+    missing = [name for name in DOCS_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"the docs extra is not installed (missing {', '.join(missing)}): pip install -e '.[docs]'")
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", "mkdocs.yml", "--site-dir", str(site)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    api_page = (site / "api" / "models" / "index.html").read_text(encoding="utf-8")
+    assert "DiffiTTransformer2DModel" in api_page and "DiffiTUNet2DModel" in api_page
+    tmsa_page = (site / "concepts" / "tmsa" / "index.html").read_text(encoding="utf-8")
+    assert 'class="arithmatex"' in tmsa_page

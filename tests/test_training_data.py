@@ -1,0 +1,358 @@
+import json
+import logging
+from collections import Counter
+from functools import partial
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffit_diffusers.training import (
+    DataConfig,
+    ImageDataset,
+    ImageTransform,
+    ResumableLoader,
+    StreamingImageDataset,
+    load_training_dataset,
+)
+
+
+CLASS_NAMES = ["cat", "dog"]
+IMAGES_PER_CLASS = 5
+
+
+def solid_image(value: int, size: tuple[int, int] = (8, 8)) -> PIL.Image.Image:
+    return PIL.Image.new("RGB", size, (value, value, value))
+
+
+def class_value(label: int, index: int) -> int:
+    """Gray level of image `index` of class `label` in the fixtures: unique, and >= 128 exactly for class 1."""
+    return 128 * label + 10 * index
+
+
+def pixel_identity(pixel_values: torch.Tensor) -> int:
+    """The gray level a fixture image was written with, read back from its tensor in [-1, 1]."""
+    return round((pixel_values[0, 0, 0].item() + 1) * 127.5)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "images"
+    for label, name in enumerate(CLASS_NAMES):
+        (root / name).mkdir(parents=True)
+        for index in range(IMAGES_PER_CLASS):
+            solid_image(class_value(label, index)).save(root / name / f"{index}.png")
+    return root
+
+
+@pytest.fixture
+def parquet_file(tmp_path):
+    """24 unique 8x8 gray images, class label = value >= 128, plus an unrelated text column."""
+    values = [10 * index for index in range(24)]
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["dark", "bright"]),
+            "caption": datasets.Value("string"),
+        }
+    )
+    table = {
+        "image": [solid_image(value) for value in values],
+        "label": [int(value >= 128) for value in values],
+        "caption": ["x"] * len(values),
+    }
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(path))
+    return path
+
+
+def make_config(tmp_path, **kwargs) -> DataConfig:
+    defaults = {"resolution": 8, "cache_dir": str(tmp_path / "cache")}
+    return DataConfig(**{**defaults, **kwargs})
+
+
+def take_batches(loader: ResumableLoader, count: int) -> list[dict[str, torch.Tensor]]:
+    return [loader.next_batch() for _ in range(count)]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for batch_a, batch_b in zip(first, second):
+        assert batch_a.keys() == batch_b.keys()
+        for key in batch_a:
+            assert torch.equal(batch_a[key], batch_b[key]), key
+
+
+def test_digits_shapes_ranges_and_labels(tmp_path):
+    from sklearn.datasets import load_digits
+
+    dataset = load_training_dataset(make_config(tmp_path, dataset_name="digits", label_column="label", num_channels=1))
+    assert isinstance(dataset, ImageDataset)
+    assert len(dataset) == 1797
+    assert dataset.num_classes == 10
+    assert dataset.id2label == {digit: str(digit) for digit in range(10)}
+    digits = load_digits()
+    for index in (0, 5, 1796):
+        example = dataset[index]
+        assert example["pixel_values"].shape == (1, 8, 8)
+        assert example["pixel_values"].dtype == torch.float32
+        assert example["class_labels"].dtype == torch.long and example["class_labels"].ndim == 0
+        assert example["class_labels"].item() == digits.target[index]
+        # At the native 8x8 resolution nothing is resampled: 0..16 -> 0..255 -> [-1, 1].
+        expected = torch.from_numpy(np.rint(digits.images[index] * 255 / 16) / 127.5 - 1).float()
+        torch.testing.assert_close(example["pixel_values"][0], expected)
+
+    upsampled = load_training_dataset(make_config(tmp_path, dataset_name="digits", resolution=16))
+    pixels = torch.stack([upsampled[index]["pixel_values"] for index in range(64)])
+    assert pixels.shape == (64, 3, 16, 16)
+    assert pixels.min() == -1.0 and 0.9 < pixels.max() <= 1.0
+    assert upsampled.num_classes is None and upsampled.id2label is None
+    assert "class_labels" not in upsampled[0]
+
+
+def test_image_transform_resizes_shorter_side_and_crops():
+    image = PIL.Image.new("L", (40, 20))
+    image.paste(255, (14, 0, 26, 20))  # a bright vertical bar in the middle
+    centered = ImageTransform(resolution=10, num_channels=3)(image)
+    assert centered.shape == (3, 10, 10)
+    assert centered[:, :, 4:6].min() > 0.9 and centered[:, :, 0].max() == -1.0
+    random_crop = ImageTransform(resolution=10, num_channels=1, center_crop=False)
+    grayscale = random_crop(image, torch.Generator().manual_seed(0))
+    assert grayscale.shape == (1, 10, 10)
+    with pytest.raises(ValueError, match="num_channels"):
+        ImageTransform(resolution=10, num_channels=2)
+
+
+def test_image_folder_labels_come_from_subfolders(tmp_path, image_folder):
+    dataset = load_training_dataset(make_config(tmp_path, train_data_dir=str(image_folder), label_column="label"))
+    assert len(dataset) == 2 * IMAGES_PER_CLASS
+    assert dataset.id2label == {0: "cat", 1: "dog"}
+    for index in range(len(dataset)):
+        example = dataset[index]
+        assert example["class_labels"].item() == int(pixel_identity(example["pixel_values"]) >= 128)
+
+
+def test_parquet_keeps_class_names_and_finds_a_renamed_image_column(tmp_path):
+    values = [0, 200, 40]
+    features = datasets.Features({"picture": datasets.Image(), "kind": datasets.Value("string")})
+    path = tmp_path / "renamed.parquet"
+    table = {"picture": [solid_image(v) for v in values], "kind": ["low", "high", "low"]}
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(path))
+
+    dataset = load_training_dataset(make_config(tmp_path, dataset_name=str(path), label_column="kind"))
+    assert dataset.image_column == "picture"
+    assert dataset.id2label == {0: "high", 1: "low"}  # string labels are class-encoded in sorted order
+    assert [dataset[index]["class_labels"].item() for index in range(3)] == [1, 0, 1]
+    with pytest.raises(ValueError, match="ClassLabel"):
+        load_training_dataset(make_config(tmp_path, dataset_name=str(path), label_column="kind", streaming=True))
+
+
+def test_dataset_saved_to_disk_loads(tmp_path, parquet_file):
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_parquet(str(parquet_file), cache_dir=str(tmp_path / "cache")).save_to_disk(str(folder))
+    dataset = load_training_dataset(make_config(tmp_path, dataset_name=str(folder), label_column="label"))
+    assert len(dataset) == 24 and dataset.id2label == {0: "dark", 1: "bright"}
+
+
+def write_broken_images(folder):
+    (folder / "cat" / "garbage.png").write_bytes(b"these bytes are not an image")
+    png = (folder / "cat" / "0.png").read_bytes()
+    (folder / "dog" / "truncated.png").write_bytes(png[: len(png) // 2])
+
+
+def test_unreadable_images_are_skipped_counted_and_reported(tmp_path, image_folder, caplog):
+    write_broken_images(image_folder)
+    reported = []
+    dataset = load_training_dataset(
+        make_config(tmp_path, train_data_dir=str(image_folder), label_column="label"),
+        on_unreadable_image=lambda description, error: reported.append(description),
+    )
+    assert len(dataset) == 2 * IMAGES_PER_CLASS + 2
+    with caplog.at_level(logging.WARNING, logger="diffit_diffusers.training.data"):
+        identities = [pixel_identity(dataset[index]["pixel_values"]) for index in range(len(dataset))]
+        identities += [pixel_identity(dataset[index]["pixel_values"]) for index in range(len(dataset))]
+    assert dataset.skipped_images == 2  # each broken file is counted once, however often it is asked for
+    assert sorted(description.split("/")[-1].rstrip(")") for description in reported) == [
+        "garbage.png",
+        "truncated.png",
+    ]
+    assert sum("Skipping unreadable image" in record.getMessage() for record in caplog.records) == 2
+    all_values = {class_value(label, index) for label in range(2) for index in range(IMAGES_PER_CLASS)}
+    assert set(identities) == all_values
+
+    streamed = load_training_dataset(
+        make_config(tmp_path, train_data_dir=str(image_folder), label_column="label", streaming=True)
+    )
+    assert sorted(pixel_identity(example["pixel_values"]) for example in streamed) == sorted(all_values)
+    assert streamed.skipped_images == 2
+
+
+def test_image_deleted_after_loading_is_skipped(tmp_path, image_folder):
+    dataset = load_training_dataset(make_config(tmp_path, train_data_dir=str(image_folder)))
+    (image_folder / "dog" / "3.png").unlink()
+    identities = {pixel_identity(dataset[index]["pixel_values"]) for index in range(len(dataset))}
+    assert dataset.skipped_images == 1
+    assert class_value(1, 3) not in identities and len(identities) == 2 * IMAGES_PER_CLASS - 1
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_dataset_without_a_readable_image_raises(tmp_path, streaming):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"{index}.png").write_bytes(b"\x89PNG broken")
+    dataset = load_training_dataset(make_config(tmp_path, train_data_dir=str(folder), streaming=streaming))
+    with pytest.raises(ValueError, match=r"No usable image in column 'image' of image folder .*broken"):
+        ResumableLoader(dataset, batch_size=2).next_batch()
+    assert dataset.skipped_images == 3
+
+
+def test_unknown_columns_raise_and_list_the_available_ones(tmp_path, parquet_file):
+    for streaming in (False, True):
+        source = {"dataset_name": str(parquet_file), "streaming": streaming}
+        with pytest.raises(ValueError, match=r"'photo' not found.*\['image', 'label', 'caption'\]"):
+            load_training_dataset(make_config(tmp_path, **source, image_column="photo"))
+        with pytest.raises(ValueError, match=r"'class' not found.*\['image', 'label', 'caption'\]"):
+            load_training_dataset(make_config(tmp_path, **source, label_column="class"))
+    with pytest.raises(ValueError, match="'label'.*not images"):
+        load_training_dataset(make_config(tmp_path, dataset_name=str(parquet_file), image_column="label"))
+
+
+def test_missing_or_ambiguous_sources_raise(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        load_training_dataset(make_config(tmp_path, train_data_dir=str(tmp_path / "no_such_folder")))
+    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+        load_training_dataset(make_config(tmp_path, dataset_name=str(tmp_path / "missing.parquet")))
+    with pytest.raises(ValueError, match="No training data"):
+        DataConfig()
+    with pytest.raises(ValueError, match="only one"):
+        DataConfig(dataset_name="digits", train_data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="resolution"):
+        DataConfig(dataset_name="digits", resolution=0)
+    with pytest.raises(ValueError, match="process_index"):
+        load_training_dataset(DataConfig(dataset_name="digits"), process_index=2, num_processes=2)
+
+
+def test_streaming_splits_a_parquet_file_across_processes(tmp_path, parquet_file):
+    config = make_config(tmp_path, dataset_name=str(parquet_file), streaming=True, shuffle_buffer_size=5)
+
+    def identities(dataset):
+        return Counter(pixel_identity(example["pixel_values"]) for example in dataset)
+
+    everything = identities(load_training_dataset(config))
+    assert everything == Counter(10 * index for index in range(24))
+    shares = [identities(load_training_dataset(config, process_index=rank, num_processes=2)) for rank in range(2)]
+    assert not set(shares[0]) & set(shares[1])
+    assert shares[0] + shares[1] == everything
+    assert all(sum(share.values()) == 12 for share in shares)
+
+
+def test_streaming_splits_digits_shards_across_processes(tmp_path):
+    config = make_config(tmp_path, dataset_name="digits", label_column="label", streaming=True, shuffle_buffer_size=64)
+
+    def fingerprints(dataset):
+        return Counter((ex["pixel_values"].numpy().tobytes(), int(ex["class_labels"])) for ex in dataset)
+
+    streamed = load_training_dataset(config)
+    assert isinstance(streamed, StreamingImageDataset) and streamed.id2label[3] == "3"
+    everything = fingerprints(streamed)
+    assert sum(everything.values()) == 1797
+    shares = [fingerprints(load_training_dataset(config, process_index=rank, num_processes=2)) for rank in range(2)]
+    assert shares[0] + shares[1] == everything
+    assert abs(sum(shares[0].values()) - sum(shares[1].values())) < 200
+
+
+def check_exact_resume(make_dataset, batch_size, before, after):
+    """Takes `before` batches, saves the state, takes `after` more; a fresh loader restored from it must match."""
+    loader = ResumableLoader(make_dataset(), batch_size)
+    take_batches(loader, before)
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = take_batches(loader, after)
+
+    restored = ResumableLoader(make_dataset(), batch_size)
+    restored.load_state_dict(state)
+    assert_same_batches(take_batches(restored, after), expected)
+    # The continuation is not a restart.
+    fresh = ResumableLoader(make_dataset(), batch_size)
+    assert not torch.equal(fresh.next_batch()["pixel_values"], expected[0]["pixel_values"])
+    return loader
+
+
+@pytest.mark.parametrize("source", ["parquet", "folder"])
+def test_streaming_resume_continues_with_the_exact_next_batches(tmp_path, parquet_file, image_folder, source):
+    name = {"dataset_name": str(parquet_file)} if source == "parquet" else {"train_data_dir": str(image_folder)}
+    config = make_config(
+        tmp_path, **name, label_column="label", streaming=True, shuffle_buffer_size=4, random_flip=True
+    )
+    # 3-example batches over 24 (or 10) examples in blocks of 4 cross block and epoch boundaries.
+    loader = check_exact_resume(partial(load_training_dataset, config), batch_size=3, before=5, after=9)
+    assert loader.epoch >= 1
+
+
+def test_streaming_resume_on_two_processes(tmp_path):
+    config = make_config(tmp_path, dataset_name="digits", label_column="label", streaming=True, shuffle_buffer_size=50)
+    for rank in range(2):
+        make_dataset = partial(load_training_dataset, config, process_index=rank, num_processes=2)
+        check_exact_resume(make_dataset, batch_size=64, before=3, after=13)
+    loader = ResumableLoader(load_training_dataset(config, process_index=0, num_processes=2), batch_size=4)
+    loader.next_batch()
+    other_process = ResumableLoader(load_training_dataset(config, process_index=1, num_processes=2), batch_size=4)
+    with pytest.raises(ValueError, match="process_index"):
+        other_process.load_state_dict(loader.state_dict())
+
+
+def test_map_style_resume_continues_with_the_exact_next_batches(tmp_path):
+    config = make_config(tmp_path, dataset_name="digits", label_column="label", random_flip=True, center_crop=False)
+    for rank in range(2):
+        make_dataset = partial(load_training_dataset, config, process_index=rank, num_processes=2)
+        loader = check_exact_resume(make_dataset, batch_size=100, before=4, after=7)
+        assert loader.epoch == 1
+    loader = ResumableLoader(load_training_dataset(config), batch_size=4)
+    other_seed_dataset = load_training_dataset(make_config(tmp_path, dataset_name="digits", seed=1))
+    other_seed = ResumableLoader(other_seed_dataset, batch_size=4)
+    with pytest.raises(ValueError, match="seed"):
+        other_seed.load_state_dict(loader.state_dict())
+
+
+def test_map_style_epochs_are_distinct_permutations_shared_by_processes(tmp_path, parquet_file):
+    config = make_config(tmp_path, dataset_name=str(parquet_file))
+
+    def batch_identities(loader):
+        return [pixel_identity(pixels) for pixels in loader.next_batch()["pixel_values"]]
+
+    loader = ResumableLoader(load_training_dataset(config), batch_size=24)
+    epochs = [batch_identities(loader) for _ in range(2)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == [10 * index for index in range(24)]
+    assert epochs[0] != epochs[1]
+    halves = [
+        set(batch_identities(ResumableLoader(load_training_dataset(config, process_index=rank, num_processes=2), 12)))
+        for rank in range(2)
+    ]
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 24
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_random_flips_are_reproducible_under_a_seed(tmp_path, streaming):
+    half_bright = PIL.Image.new("L", (8, 8))
+    half_bright.paste(255, (0, 0, 4, 8))  # bright left half; a flip moves it to the right
+    path = tmp_path / "half.parquet"
+    table = {"image": [half_bright] * 16}
+    datasets.Dataset.from_dict(table, features=datasets.Features({"image": datasets.Image()})).to_parquet(str(path))
+
+    def flips(seed):
+        config = make_config(tmp_path, dataset_name=str(path), random_flip=True, seed=seed, streaming=streaming)
+        pixels = ResumableLoader(load_training_dataset(config), batch_size=8).next_batch()["pixel_values"]
+        return (pixels[:, 0, 0, 0] < 0).tolist()  # True where the bright half was flipped to the right
+
+    assert flips(seed=0) == flips(seed=0)
+    assert any(flips(seed=0)) and not all(flips(seed=0))
+    assert flips(seed=0) != flips(seed=1)
+
+
+def test_max_train_samples_limits_both_modes(tmp_path, parquet_file):
+    for streaming in (False, True):
+        config = make_config(tmp_path, dataset_name=str(parquet_file), max_train_samples=7, streaming=streaming)
+        dataset = load_training_dataset(config)
+        assert len(list(dataset) if streaming else range(len(dataset))) == 7
