@@ -1,5 +1,5 @@
 """Convert NVIDIA's released latent DiffiT checkpoints (``nvidia/DiffiT``: ``diffit_256.safetensors``,
-``diffit_512.safetensors``) into a complete :class:`DiffiTPipeline` folder (or only the transformer).
+``diffit_512.safetensors``) into a complete ``DiffiTPipeline`` folder (or only the transformer).
 
 Usage::
 
@@ -122,7 +122,7 @@ def _grid_from_bias_table(rows: int) -> int:
 
 
 def infer_config(official_state_dict: Mapping[str, torch.Tensor], *, num_classes: int | None = None) -> dict:
-    """Read the whole :class:`DiffiTTransformer2DModel` config off the shapes of an official state dict.
+    """Read the whole ``DiffiTTransformer2DModel`` config off the shapes of an official state dict.
 
     Args:
         official_state_dict: the NVlabs state dict (official key names).
@@ -300,10 +300,10 @@ def convert_state_dict(
 
     Args:
         official_state_dict: the NVlabs state dict (official key names, tensors).
-        num_classes: see :func:`infer_config`.
+        num_classes: see ``infer_config``.
 
     Returns:
-        ``(config, state_dict)``: the :class:`DiffiTTransformer2DModel` config and a state dict that loads into it
+        ``(config, state_dict)``: the ``DiffiTTransformer2DModel`` config and a state dict that loads into it
         with ``strict=True``. The tensors are the input tensors (not copies).
     """
     config = infer_config(official_state_dict, num_classes=num_classes)
@@ -387,7 +387,7 @@ def load_converted_transformer(
     Args:
         checkpoint_path: the official ``.safetensors`` (or PyTorch) checkpoint.
         dtype: cast the weights to this dtype; by default they keep the checkpoint's dtype.
-        num_classes: see :func:`infer_config`.
+        num_classes: see ``infer_config``.
     """
     config, state_dict = convert_state_dict(load_official_state_dict(checkpoint_path), num_classes=num_classes)
     with init_empty_weights(include_buffers=False):
@@ -460,7 +460,7 @@ def convert_to_pipeline(
 
     The folder holds the transformer, a DDPM scheduler with the ADM/DiT schedule and learned variance, the VAE
     (``vae``: a local folder or Hub id), the ImageNet label names (for 1000-class models) and the official sampling
-    recipe as the pipeline's defaults (see :func:`official_recipe`).
+    recipe as the pipeline's defaults (see ``official_recipe``).
     """
     output_dir = Path(output_dir)
     _check_output_dir(output_dir)

@@ -1,7 +1,9 @@
 """The documentation: every Python snippet runs (page by page, in order, offline, on tiny models), the presets table
 matches the code, and the site builds with `mkdocs build --strict`."""
 
+import importlib
 import importlib.util
+import inspect
 import os
 import re
 import subprocess
@@ -26,6 +28,15 @@ PRESETS_PAGE = DOCS_DIR / "concepts" / "architectures.md"
 PRESET_ROW = re.compile(r"^\|\s*`(?P<name>[^`]+)`\s*\|.*\|\s*(?P<parameters>[\d,]+)\s*\|\s*$")
 #: What `mkdocs build` needs: the `docs` extra.
 DOCS_MODULES = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers")
+#: Modules whose public classes and functions (or `__all__`) must each have an API reference entry.
+API_MODULES = (
+    "diffit_diffusers",
+    "diffit_diffusers.pipelines",
+    "diffit_diffusers.hub",
+    "diffit_diffusers.evaluation",
+    "diffit_diffusers.convert_nvlabs",
+)
+API_DIRECTIVE = re.compile(r"^:::\s+(?P<path>[\w.]+)\s*$", re.MULTILINE)
 MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel)}
 
 
@@ -77,8 +88,11 @@ def test_docs_have_python_snippets_to_run():
 
 @pytest.mark.parametrize("page", PAGES, ids=page_id)
 def test_every_code_block_names_a_known_language(page):
-    blocks = code_blocks(page)
-    unknown = [f"line {block.line - 1}: {block.language!r}" for block in blocks if block.language not in KNOWN_LANGUAGES]
+    unknown = [
+        f"line {block.line - 1}: {block.language!r}"
+        for block in code_blocks(page)
+        if block.language not in KNOWN_LANGUAGES
+    ]
     assert not unknown, f"{page_id(page)} has code blocks in unknown or missing languages: {unknown}"
 
 
@@ -97,6 +111,50 @@ def test_code_block_parser_handles_indented_fences(tmp_path):
     page.write_text("```python\nx = 1\n")
     with pytest.raises(ValueError, match="never closed"):
         code_blocks(page)
+
+
+def resolve(dotted_path: str):
+    """The object a mkdocstrings `::: a.b.C` directive names: the longest importable module prefix, then attributes."""
+    parts = dotted_path.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[split:]:
+            target = getattr(target, attribute)
+        return target
+    raise ModuleNotFoundError(f"No module in {dotted_path!r} can be imported.")
+
+
+def public_api(module_name: str) -> dict[str, object]:
+    """`__all__` of a module, else its public classes and functions defined in it (or, for a package, below it)."""
+    module = importlib.import_module(module_name)
+    if hasattr(module, "__all__"):
+        return {name: getattr(module, name) for name in module.__all__}
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and (value.__module__ == module_name or value.__module__.startswith(module_name + "."))
+    }
+
+
+def test_api_reference_covers_the_public_api():
+    directives = [
+        match["path"]
+        for page in sorted((DOCS_DIR / "api").glob("*.md"))
+        for match in API_DIRECTIVE.finditer(page.read_text(encoding="utf-8"))
+    ]
+    documented = [resolve(path) for path in directives]  # also fails on a directive naming nothing
+    missing = [
+        f"{module_name}.{name}"
+        for module_name in API_MODULES
+        for name, value in public_api(module_name).items()
+        if not any(value is entry for entry in documented)
+    ]
+    assert not missing, f"Add `::: <name>` entries to a page under docs/api/ for: {missing}"
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=page_id)
@@ -132,7 +190,6 @@ def test_presets_table_lists_every_preset_with_its_parameter_count():
     assert rows == {preset: _parameter_count(preset) for preset in rows}
 
 
-@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     missing = [name for name in DOCS_MODULES if importlib.util.find_spec(name) is None]
     if missing:

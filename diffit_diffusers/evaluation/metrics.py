@@ -35,8 +35,10 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     covariances (fewer samples than feature dimensions) and never produces imaginary parts.
 
     Args:
-        mu1, mu2 (`np.ndarray` or `torch.Tensor` of shape `(D,)`): means.
-        sigma1, sigma2 (`np.ndarray` or `torch.Tensor` of shape `(D, D)`): symmetric covariance matrices.
+        mu1 (`np.ndarray` or `torch.Tensor` of shape `(D,)`): mean of the first set.
+        sigma1 (`np.ndarray` or `torch.Tensor` of shape `(D, D)`): symmetric covariance of the first set.
+        mu2 (`np.ndarray` or `torch.Tensor` of shape `(D,)`): mean of the second set.
+        sigma2 (`np.ndarray` or `torch.Tensor` of shape `(D, D)`): symmetric covariance of the second set.
 
     Returns:
         `float`: the distance (>= 0).

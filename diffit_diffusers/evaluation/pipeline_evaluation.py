@@ -339,8 +339,9 @@ def evaluate_pipeline(
         reference ([`FeatureStatistics`]): statistics of the real images.
         real_features_for_pr (`torch.Tensor` of shape `(N_real, D)`, *optional*): real features; when given, precision
             and recall are computed against the features of a random subset of `max_pr_samples` samples.
-        num_inference_steps, guidance_scale, guidance_schedule: sampling settings; `None` uses the pipeline's
-            defaults (`pipeline.config.default_*`).
+        num_inference_steps (`int`, *optional*): sampler steps; `None` uses the pipeline's default.
+        guidance_scale (`float`, *optional*): guidance scale; `None` uses the pipeline's default.
+        guidance_schedule (`str`, *optional*): `"constant"` or `"power_cosine"`; `None` uses the pipeline's default.
         class_labels (`str` or `List[int]`, *optional*, defaults to `"balanced"`): see [`class_labels_for_samples`].
         seed (`int`, defaults to 0): seed of the samples, the `"random"` labels and the precision/recall subset.
         accelerator (`accelerate.Accelerator`, *optional*): distributes the sampling; the pipeline and the extractor

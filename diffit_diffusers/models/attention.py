@@ -8,7 +8,7 @@ Queries, keys and values are linear functions of the spatial tokens *and* of the
 where ``B`` is a learned Swin-style relative position bias. Attention runs inside non-overlapping
 ``window_size x window_size`` windows; a window as large as the token grid gives global attention.
 
-The module follows diffusers' attention interface: :class:`TimeDependentSelfAttention` is an
+The module follows diffusers' attention interface: ``TimeDependentSelfAttention`` is an
 ``AttentionModuleMixin`` whose processor calls ``dispatch_attention_fn``, so ``set_attention_backend``,
 ``set_attn_processor`` and ``attn_processors`` work on every model built from it.
 """
@@ -91,7 +91,7 @@ def window_partition(hidden_states: torch.Tensor, layout: WindowLayout) -> torch
 
     Args:
         hidden_states: ``(B, H*W, C)`` tokens of an ``H x W`` grid, row-major.
-        layout: the window layout (see :func:`window_layout`).
+        layout: the window layout (see ``window_layout``).
 
     Returns:
         ``(B * num_windows, w*w, C)``, windows of one image contiguous and row-major.
@@ -105,7 +105,7 @@ def window_partition(hidden_states: torch.Tensor, layout: WindowLayout) -> torch
 
 
 def window_merge(windows: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: ``(B * num_windows, w*w, C)`` back to ``(B, H*W, C)``."""
+    """Inverse of ``window_partition``: ``(B * num_windows, w*w, C)`` back to ``(B, H*W, C)``."""
     b, w = layout.batch_size, layout.window_size
     x = windows.view(b, layout.padded_height // w, layout.padded_width // w, w, w, -1)
     x = x.transpose(2, 3).reshape(b, layout.padded_height, layout.padded_width, -1)
@@ -186,7 +186,7 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
             raising.
         bias: whether the spatial and time projections have biases.
         out_bias: whether the output projection has a bias.
-        processor: an attention processor; defaults to :class:`TimeDependentAttnProcessor`.
+        processor: an attention processor; defaults to ``TimeDependentAttnProcessor``.
     """
 
     _default_processor_cls = TimeDependentAttnProcessor
@@ -202,7 +202,7 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         pad_to_window: bool = False,
         bias: bool = True,
         out_bias: bool = True,
-        processor=None,
+        processor: "TimeDependentAttnProcessor | TimeDependentExplicitAttnProcessor | None" = None,
     ):
         super().__init__()
         if dim % num_heads:

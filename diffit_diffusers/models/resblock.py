@@ -3,7 +3,7 @@
     h = Conv3x3(SiLU(GroupNorm(x)))                                                        (Eq. 9)
     x = DiffiTBlock(h, x_t) + x                                                            (Eq. 10)
 
-``DiffiTBlock`` is :class:`~diffit_diffusers.models.transformer_block.DiffiTTransformerBlock` (Eq. 7-8) with
+``DiffiTBlock`` is ``DiffiTTransformerBlock`` (Eq. 7-8) with
 *windowed* TMSA, run on the feature map flattened to ``H*W`` tokens. The outer residual goes through a shortcut
 convolution when the block changes the channel count (this project's decision: ``Conv1x1``).
 """

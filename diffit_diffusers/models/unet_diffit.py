@@ -2,13 +2,13 @@
 
 Where each part of the paper lives:
 
-- TMSA, Eq. 3-6: :class:`~diffit_diffusers.models.attention.TimeDependentSelfAttention`.
-- DiffiT Transformer block, Eq. 7-8: :class:`~diffit_diffusers.models.transformer_block.DiffiTTransformerBlock`.
-- DiffiT ResBlock, Eq. 9-10: :class:`~diffit_diffusers.models.resblock.DiffiTResBlock`.
+- TMSA, Eq. 3-6: ``TimeDependentSelfAttention``.
+- DiffiT Transformer block, Eq. 7-8: ``DiffiTTransformerBlock``.
+- DiffiT ResBlock, Eq. 9-10: ``DiffiTResBlock``.
 - Time token (sinusoid -> SiLU MLP, plus optional label embedding):
-  :class:`~diffit_diffusers.models.embeddings.DiffiTTimeEmbedding`.
+  ``DiffiTTimeEmbedding``.
 - Down/upsampling: :mod:`diffit_diffusers.models.resampling`.
-- The U-shaped encoder/bottleneck/decoder with skip connections: :class:`DiffiTUNet2DModel` below.
+- The U-shaped encoder/bottleneck/decoder with skip connections: ``DiffiTUNet2DModel`` below.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class DiffiTResBlockStack(nn.Module):
 
 
 class DiffiTDownBlock2D(DiffiTResBlockStack):
-    """One encoder stage: ResBlocks at one resolution, then an optional :class:`Downsample2x`.
+    """One encoder stage: ResBlocks at one resolution, then an optional ``Downsample2x``.
 
     Every ResBlock output and the downsampled map are returned as skip connections.
     """
@@ -103,7 +103,7 @@ class SkipMerge(nn.Module):
 
 
 class DiffiTUpBlock2D(DiffiTResBlockStack):
-    """One decoder stage: ResBlocks that each take one encoder skip, then an optional :class:`Upsample2x`."""
+    """One decoder stage: ResBlocks that each take one encoder skip, then an optional ``Upsample2x``."""
 
     def __init__(self, resnets: list[DiffiTResBlock], skip_merges: list[SkipMerge], upsampler: Upsample2x | None):
         super().__init__(resnets)
@@ -135,7 +135,7 @@ def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: 
 class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin):
     """The image-space DiffiT denoiser (CIFAR-10 FID 1.95, FFHQ-64 2.22): a U-Net built from DiffiT ResBlocks.
 
-    ``Conv3x3`` stem ``->`` encoder stages of ``layers_per_block`` ResBlocks (:class:`DiffiTResBlock`) separated by
+    ``Conv3x3`` stem ``->`` encoder stages of ``layers_per_block`` ResBlocks (``DiffiTResBlock``) separated by
     downsampling ``->`` bottleneck of ``mid_block_layers`` ResBlocks at the lowest resolution (two by default)
     ``->`` decoder stages of ``layers_per_block + 1`` ResBlocks, each merging one encoder skip, separated by
     upsampling ``->`` ``GroupNorm -> SiLU -> Conv3x3`` head. The skip layout follows diffusers' ``UNet2DModel``:

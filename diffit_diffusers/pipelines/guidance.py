@@ -37,7 +37,8 @@ def apply_guidance(
     """``uncond + w (cond - uncond)`` on the first ``guided_channels`` channels; the rest keep ``conditional``.
 
     Args:
-        conditional, unconditional: model outputs ``(B, C, H, W)`` for the real and the null labels.
+        conditional: model output ``(B, C, H, W)`` for the real labels.
+        unconditional: model output ``(B, C, H, W)`` for the null labels.
         weight: guidance weight ``w``.
         guided_channels: how many leading channels to guide; ``None`` guides all of them.
 

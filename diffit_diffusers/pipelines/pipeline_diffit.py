@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import diffusers
 import torch
@@ -18,6 +18,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
 from .guidance import GUIDANCE_SCHEDULES, apply_guidance, guidance_weight
+
+
+if TYPE_CHECKING:
+    from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -46,9 +50,13 @@ class DiffiTPipeline(DiffusionPipeline):
         vae: an ``AutoencoderKL``; when present, the denoiser works on its latents and images are decoded with
             ``vae.decode(latents / vae.config.scaling_factor)``.
         id2label: class id -> name(s) (comma-separated synonyms), for ``get_label_ids``.
-        default_num_inference_steps, default_guidance_scale, default_guidance_schedule, default_guidance_power,
-        default_guided_channels: the values ``__call__`` uses when its argument is left at ``None``; saved with the
-            pipeline (the NVIDIA 256px conversion stores the official recipe here).
+        default_num_inference_steps: steps ``__call__`` uses when ``num_inference_steps`` is ``None``.
+        default_guidance_scale: guidance scale used when ``guidance_scale`` is ``None`` (the NVIDIA 256px
+            conversion stores the official 4.4 here).
+        default_guidance_schedule: ``"constant"`` or ``"power_cosine"``, used when ``guidance_schedule`` is ``None``.
+        default_guidance_power: exponent of the power-cosine ramp, used when ``guidance_power`` is ``None``.
+        default_guided_channels: leading output channels that are guided when ``guided_channels`` is left out
+            (3 in DiffiT); ``None`` guides all channels.
     """
 
     model_cpu_offload_seq = "denoiser->vae"
@@ -57,10 +65,10 @@ class DiffiTPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        denoiser,
+        denoiser: "DiffiTTransformer2DModel | DiffiTUNet2DModel",
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
-        id2label: dict[int, str] | None = None,
+        id2label: dict | None = None,
         default_num_inference_steps: int = 50,
         default_guidance_scale: float = 1.0,
         default_guidance_schedule: str = "constant",
@@ -95,10 +103,12 @@ class DiffiTPipeline(DiffusionPipeline):
 
     @property
     def num_classes(self) -> int | None:
+        """Number of classes of the denoiser, ``None`` for an unconditional one."""
         return self.denoiser.config.num_classes
 
     @property
     def null_class_id(self) -> int | None:
+        """Label id of the denoiser's null class (needed for guidance), ``None`` if it has none."""
         return self.denoiser.null_class_id
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
@@ -355,7 +365,7 @@ class DiffiTPipeline(DiffusionPipeline):
         local_files_only: bool | None = None,
         **components: Any,
     ) -> "DiffiTPipeline":
-        """Load a pipeline folder or Hub repo saved by :meth:`save_pretrained`.
+        """Load a pipeline folder or Hub repo saved by ``save_pretrained``.
 
         The components' classes come from this package and diffusers only: no code from the folder is executed.
         Keyword arguments named after a component (``denoiser``, ``scheduler``, ``vae``) or an init argument replace

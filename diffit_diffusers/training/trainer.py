@@ -164,7 +164,7 @@ def sample_grid(pipeline: DiffiTPipeline, config: TrainingConfig, *, seed: int) 
 
 
 class Trainer:
-    """Runs one training job described by a :class:`TrainingConfig` (see :func:`train`)."""
+    """Runs one training job described by a ``TrainingConfig`` (see ``train``)."""
 
     def __init__(self, config: TrainingConfig):
         self.config = config
@@ -267,7 +267,7 @@ class Trainer:
         return checkpoint
 
     def load_checkpoint(self, checkpoint: Path) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote."""
+        """Restore everything ``save_checkpoint`` wrote."""
         state = json.loads((checkpoint / TRAINING_STATE_FILE).read_text())
         if state["num_processes"] != self.accelerator.num_processes:
             raise ValueError(
