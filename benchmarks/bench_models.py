@@ -127,12 +127,20 @@ def positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device to run on (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to run on (default: cuda if available, else cpu)",
+    )
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward (default: 8)")
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed forwards per model (default: 10)")
-    parser.add_argument("--comparisons", nargs="+", choices=sorted(COMPARISONS), default=sorted(COMPARISONS),
-                        help="which comparisons to run (default: all)")
+    parser.add_argument(
+        "--comparisons",
+        nargs="+",
+        choices=sorted(COMPARISONS),
+        default=sorted(COMPARISONS),
+        help="which comparisons to run (default: all)",
+    )
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -150,7 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "batch_size": args.batch_size,
         "repeats": args.repeats,
-        "comparisons": {name: COMPARISONS[name](args.device, args.batch_size, args.repeats) for name in args.comparisons},
+        "comparisons": {
+            name: COMPARISONS[name](args.device, args.batch_size, args.repeats) for name in args.comparisons
+        },
     }
     print(json.dumps(report, indent=2))
     for name, result in report["comparisons"].items():

@@ -269,8 +269,9 @@ def test_decision_options(overrides):
     model = small_unet(**overrides)
     assert model(torch.randn(2, 3, 16, 16), 4).sample.shape == (2, 3, 16, 16)
     if overrides.get("skip_connection_type") == "add":
-        merges = [m for b in model.up_blocks for m in b.skip_merges]
-        assert all(m.out_channels == r.conv.in_channels for b in model.up_blocks for m, r in zip(b.skip_merges, b.resnets))
+        pairs = [(m, r) for b in model.up_blocks for m, r in zip(b.skip_merges, b.resnets)]
+        assert all(merge.out_channels == resnet.conv.in_channels for merge, resnet in pairs)
+        merges = [merge for merge, _ in pairs]
         assert any(m.skip_proj is not None for m in merges) and any(m.skip_proj is None for m in merges)
     if overrides.get("shortcut_kernel_size") == 3:
         assert model.down_blocks[1].resnets[0].conv_shortcut.kernel_size == (3, 3)
