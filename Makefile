@@ -32,6 +32,7 @@ docs: install
 
 bench: install
 	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_models.py
 
 clean:
 	rm -rf $(VENV) site outputs
