@@ -1,4 +1,4 @@
-"""Command line of `examples/evaluate.py`: sample a saved pipeline and report FID/FD, precision/recall and IS."""
+"""Command line of ``examples/evaluate.py``: sample a saved pipeline and report FID/FD, precision/recall and IS."""
 
 import argparse
 import json
@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from .pipeline_evaluation import CLASS_LABEL_MODES, build_feature_extractor, evaluate_pipeline
-from .reference import _looks_like_local_path, compute_reference_statistics
+from .reference import compute_reference_statistics, looks_like_local_path
 from .statistics import FeatureReservoir
 
 
@@ -23,24 +23,23 @@ USER_ERRORS = (ValueError, OSError, ImportError)
 COLLECTIVE_TIMEOUT = timedelta(hours=3)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _integer_at_least(minimum: int, description: str) -> Callable[[str], int]:
+    """An argparse ``type`` that parses an integer >= ``minimum``; ``description`` names the range in errors."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a {description} integer, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
+_positive_int = _integer_at_least(1, "positive")
+_non_negative_int = _integer_at_least(0, "non-negative")
 
 
 def _class_labels(text: str) -> Union[str, List[int]]:
@@ -159,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main_process_first(accelerator, function: Callable[[], Any], share_result: bool) -> Any:
     """
-    Runs `function` on the main process first (e.g. one download or one pass over the reference), then either
-    shares its result with the other processes or lets them run `function` too. An error on the main process is
+    Runs ``function`` on the main process first (e.g. one download or one pass over the reference), then either
+    shares its result with the other processes or lets them run ``function`` too. An error on the main process is
     raised on every process instead of leaving the others waiting.
     """
     outcome = [None, None]
@@ -188,7 +187,7 @@ def _load_pipeline(name_or_path: str, torch_dtype: torch.dtype):
 
     if os.path.exists(name_or_path) and not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"--pipeline {name_or_path!r} is a file; pass the saved pipeline folder.")
-    if not os.path.exists(name_or_path) and _looks_like_local_path(name_or_path):
+    if not os.path.exists(name_or_path) and looks_like_local_path(name_or_path):
         raise FileNotFoundError(f"Pipeline folder {name_or_path!r} does not exist.")
     try:
         return DiffiTPipeline.from_pretrained(name_or_path, torch_dtype=torch_dtype)
@@ -197,7 +196,7 @@ def _load_pipeline(name_or_path: str, torch_dtype: torch.dtype):
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Evaluates the pipeline as `args` (from [`build_parser`]) describe; returns the report on every process."""
+    """Evaluates the pipeline as ``args`` (from ``build_parser``) describe; returns the report on every process."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -266,8 +265,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
-    Parses `argv` (default: `sys.argv[1:]`), evaluates, prints the JSON report and writes it to `--output` (on the
-    main process) and returns it. Bad flags exit with status 2 and user errors (missing files, bad settings) with
+    Parses ``argv`` (default: ``sys.argv[1:]``), evaluates, prints the JSON report and writes it to ``--output`` (on
+    the main process) and returns it. Bad flags exit with status 2 and user errors (missing files, bad settings) with
     status 1, each with a one-line message instead of a traceback.
     """
     parser = build_parser()

@@ -23,12 +23,12 @@ _RANGE_TOLERANCE = 1e-3
 @dataclass
 class FeatureExtractorOutput:
     """
-    Output of [`FeatureExtractor.extract`].
+    Output of ``FeatureExtractor.extract``.
 
     Args:
-        features (`torch.Tensor` of shape `(batch_size, feature_dim)`): float32 features.
-        logits (`torch.Tensor` of shape `(batch_size, num_classes)`, *optional*): class logits, used by the
-            Inception Score; `None` when the extractor has no classifier head.
+        features (torch.Tensor): float32 features ``(batch_size, feature_dim)``.
+        logits (torch.Tensor, optional): class logits ``(batch_size, num_classes)``, used by the Inception Score;
+            ``None`` when the extractor has no classifier head.
     """
 
     features: torch.Tensor
@@ -37,13 +37,13 @@ class FeatureExtractorOutput:
 
 def images_to_unit_range(images: torch.Tensor, device: Optional[torch.device] = None) -> torch.Tensor:
     """
-    Validates an image batch and returns it as float32 in [0, 1] (on `device` when given).
+    Validates an image batch and returns it as float32 in [0, 1] (on ``device`` when given).
 
     Args:
-        images (`torch.Tensor` of shape `(batch_size, channels, height, width)`): `uint8` in [0, 255] or floating
+        images (torch.Tensor): images ``(batch_size, channels, height, width)``, ``uint8`` in [0, 255] or floating
             point in [0, 1]. Images in [-1, 1] (the raw output of most diffusion models) are rejected; map them with
-            `(images + 1) / 2` first.
-        device (`torch.device`, *optional*): where to move the images before converting them.
+            ``(images + 1) / 2`` first.
+        device (torch.device, optional): where to move the images before converting them.
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"Expected images as a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}.")
@@ -70,13 +70,13 @@ def images_to_unit_range(images: torch.Tensor, device: Optional[torch.device] = 
 
 class FeatureExtractor(torch.nn.Module, ABC):
     """
-    Base class of feature extractors: a module mapping images to features `(B, D)` and, optionally, class logits.
+    Base class of feature extractors: a module mapping images to features ``(B, D)`` and, optionally, class logits.
 
-    Inputs are `(B, C, H, W)` tensors, either `uint8` in [0, 255] or floating point in [0, 1] (see
-    [`images_to_unit_range`]). Calling the extractor returns the features; [`~FeatureExtractor.extract`] also returns
+    Inputs are ``(B, C, H, W)`` tensors, either ``uint8`` in [0, 255] or floating point in [0, 1] (see
+    ``images_to_unit_range``). Calling the extractor returns the features; ``FeatureExtractor.extract`` also returns
     the logits. Extraction always runs without gradients and with the wrapped network in eval mode.
 
-    Subclasses set `name` (recorded in evaluation reports), `provides_logits`, and implement `_extract`, which
+    Subclasses set ``name`` (recorded in evaluation reports), ``provides_logits``, and implement ``_extract``, which
     receives float32 images in [0, 1] on the extractor's device.
     """
 
@@ -99,16 +99,18 @@ class FeatureExtractor(torch.nn.Module, ABC):
 
     @abstractmethod
     def _extract(self, images: torch.Tensor) -> FeatureExtractorOutput:
-        """Maps float32 images `(B, C, H, W)` in [0, 1] on `self.device` to features (and logits)."""
+        """Maps float32 images ``(B, C, H, W)`` in [0, 1] on ``self.device`` to features (and logits)."""
 
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> FeatureExtractorOutput:
         """
+        Features and, when the extractor provides them, class logits of an image batch.
+
         Args:
-            images (`torch.Tensor` of shape `(batch_size, channels, height, width)`): `uint8` or float in [0, 1].
+            images (torch.Tensor): images ``(batch_size, channels, height, width)``, ``uint8`` or float in [0, 1].
 
         Returns:
-            [`FeatureExtractorOutput`] with float32 `features` `(B, D)` and optional `logits` `(B, K)`.
+            ``FeatureExtractorOutput`` with float32 ``features`` ``(B, D)`` and optional ``logits`` ``(B, K)``.
         """
         images = images_to_unit_range(images, self.device)
         output = self._extract(images)
@@ -129,26 +131,28 @@ def _first_floating_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
 
 class ModuleFeatureExtractor(FeatureExtractor):
     """
-    Wraps any `torch.nn.Module` (for example a small classifier) as a feature extractor.
+    Wraps any ``torch.nn.Module`` (for example a small classifier) as a feature extractor.
 
     Features are taken from one of three places:
-    - `features_fn(module, images)` when given;
-    - the output of the submodule named `layer` (captured with a forward hook while `module(images)` runs), in
-      which case `output_is_logits=True` additionally reports the module's output as class logits;
+
+    - ``features_fn(module, images)`` when given;
+    - the output of the submodule named ``layer`` (captured with a forward hook while ``module(images)`` runs), in
+      which case ``output_is_logits=True`` additionally reports the module's output as class logits;
     - otherwise the module's output itself.
-    Features with more than two dimensions are flattened to `(B, D)`.
+
+    Features with more than two dimensions are flattened to ``(B, D)``.
 
     Args:
-        module (`torch.nn.Module`): the network; it is put in eval mode and used without gradients.
-        preprocess (`Callable`, *optional*): maps float images `(B, C, H, W)` in [0, 1] to the module's input (e.g.
+        module (torch.nn.Module): the network; it is put in eval mode and used without gradients.
+        preprocess (Callable, optional): maps float images ``(B, C, H, W)`` in [0, 1] to the module's input (e.g.
             resizing and normalisation). Defaults to the identity.
-        layer (`str`, *optional*): dotted name of the submodule whose output are the features (see
-            `module.named_modules()`), e.g. the penultimate layer of a classifier.
-        features_fn (`Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]`, *optional*): computes features from
-            the module and preprocessed images. Mutually exclusive with `layer`.
-        output_is_logits (`bool`, defaults to `False`): with `layer`, report `module(images)` as class logits (for the
-            Inception Score computed with this classifier).
-        name (`str`, *optional*): recorded in evaluation reports; defaults to the module's class and layer name.
+        layer (str, optional): dotted name of the submodule whose output are the features (see
+            ``module.named_modules()``), e.g. the penultimate layer of a classifier.
+        features_fn (Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], optional): computes features from the
+            module and preprocessed images. Mutually exclusive with ``layer``.
+        output_is_logits (bool): with ``layer``, report ``module(images)`` as class logits (for the Inception Score
+            computed with this classifier).
+        name (str, optional): recorded in evaluation reports; defaults to the module's class and layer name.
     """
 
     def __init__(
@@ -235,10 +239,10 @@ class InceptionFeatureExtractor(FeatureExtractor):
     bias, as used by the original Inception Score code. Images are quantised to uint8 and resized to 299x299 with
     TensorFlow-compatible bilinear interpolation inside the network; grayscale images are repeated to 3 channels.
 
-    `torch-fidelity` is imported only when this class is instantiated (it needs a working torchvision).
+    ``torch-fidelity`` is imported only when this class is instantiated (it needs a working torchvision).
 
     Args:
-        weights_path (`str` or `os.PathLike`, *optional*): local copy of `weights-inception-2015-12-05-6726825d.pth`
+        weights_path (str or os.PathLike, optional): local copy of ``weights-inception-2015-12-05-6726825d.pth``
             for offline use. Without it the weights are downloaded once into the torch hub cache.
     """
 

@@ -27,21 +27,21 @@ def _symmetric_psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """
     Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2):
-    `|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))`.
+    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``.
 
     The trace of the matrix square root is computed as the sum of square roots of the eigenvalues of the symmetric
-    positive semi-definite matrix `sigma1^(1/2) sigma2 sigma1^(1/2)` (which has the same spectrum as
-    `sigma1 sigma2`). Unlike `scipy.linalg.sqrtm(sigma1 @ sigma2)` this needs no epsilon offset for singular
+    positive semi-definite matrix ``sigma1^(1/2) sigma2 sigma1^(1/2)`` (which has the same spectrum as
+    ``sigma1 sigma2``). Unlike ``scipy.linalg.sqrtm(sigma1 @ sigma2)`` this needs no epsilon offset for singular
     covariances (fewer samples than feature dimensions) and never produces imaginary parts.
 
     Args:
-        mu1 (`np.ndarray` or `torch.Tensor` of shape `(D,)`): mean of the first set.
-        sigma1 (`np.ndarray` or `torch.Tensor` of shape `(D, D)`): symmetric covariance of the first set.
-        mu2 (`np.ndarray` or `torch.Tensor` of shape `(D,)`): mean of the second set.
-        sigma2 (`np.ndarray` or `torch.Tensor` of shape `(D, D)`): symmetric covariance of the second set.
+        mu1 (np.ndarray or torch.Tensor): mean ``(D,)`` of the first set.
+        sigma1 (np.ndarray or torch.Tensor): symmetric covariance ``(D, D)`` of the first set.
+        mu2 (np.ndarray or torch.Tensor): mean ``(D,)`` of the second set.
+        sigma2 (np.ndarray or torch.Tensor): symmetric covariance ``(D, D)`` of the second set.
 
     Returns:
-        `float`: the distance (>= 0).
+        The distance (>= 0).
     """
     mu1, mu2 = _as_float64_array(mu1, "mu1"), _as_float64_array(mu2, "mu2")
     sigma1, sigma2 = _as_float64_array(sigma1, "sigma1"), _as_float64_array(sigma2, "sigma2")
@@ -66,17 +66,17 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
 
 def inception_score(logits_or_probs: ArrayLike, splits: int = 10, input_type: str = "auto") -> Tuple[float, float]:
     """
-    Inception Score `exp(E_x KL(p(y|x) || p(y)))`, averaged over `splits` contiguous chunks of the samples.
+    Inception Score ``exp(E_x KL(p(y|x) || p(y)))``, averaged over ``splits`` contiguous chunks of the samples.
 
     Args:
-        logits_or_probs (`np.ndarray` or `torch.Tensor` of shape `(N, num_classes)`): class logits or probabilities.
-        splits (`int`, defaults to 10): number of chunks; the score is computed per chunk (the 50K-sample convention
-            uses 10 chunks of 5K).
-        input_type (`str`, defaults to `"auto"`): `"logits"` (softmax is applied), `"probabilities"`, or `"auto"`,
-            which treats the input as probabilities when every row is non-negative and sums to 1.
+        logits_or_probs (np.ndarray or torch.Tensor): class logits or probabilities ``(N, num_classes)``.
+        splits (int): number of chunks; the score is computed per chunk (the 50K-sample convention uses 10 chunks of
+            5K).
+        input_type (str): ``"logits"`` (softmax is applied), ``"probabilities"``, or ``"auto"``, which treats the
+            input as probabilities when every row is non-negative and sums to 1.
 
     Returns:
-        `Tuple[float, float]`: mean and (population) standard deviation of the per-chunk scores.
+        The mean and the (population) standard deviation of the per-chunk scores.
     """
     values = torch.as_tensor(_as_float64_array(logits_or_probs, "logits_or_probs"))
     if values.ndim != 2 or values.shape[1] < 2:
@@ -116,8 +116,8 @@ class PrecisionRecall(NamedTuple):
 
 
 def _kth_neighbour_distances(features: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
-    """Distance from each row of `features` `(N, D)` to its k-th nearest other row, computed in `(batch, batch)`
-    blocks so memory stays bounded. Returns `(N,)`."""
+    """Distance ``(N,)`` from each row of ``features`` ``(N, D)`` to its k-th nearest other row, computed in
+    ``(batch, batch)`` blocks so memory stays bounded."""
     radii = torch.empty(features.shape[0], dtype=features.dtype, device=features.device)
     for row_start in range(0, features.shape[0], batch_size):
         rows = features[row_start : row_start + batch_size]
@@ -134,7 +134,7 @@ def _kth_neighbour_distances(features: torch.Tensor, k: int, batch_size: int) ->
 def _fraction_inside_manifold(
     queries: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor, batch_size: int
 ) -> float:
-    """Fraction of `queries` that lie within `radii[i]` of some `manifold[i]` (k-NN balls)."""
+    """Fraction of ``queries`` that lie within ``radii[i]`` of some ``manifold[i]`` (k-NN balls)."""
     inside = torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
     for row_start in range(0, queries.shape[0], batch_size):
         rows = queries[row_start : row_start + batch_size]
@@ -152,17 +152,17 @@ def precision_recall(
     Improved precision and recall (Kynkaanniemi et al., 2019): each feature set's manifold is the union of balls
     around its points with radius the distance to the k-th nearest neighbour in the same set.
 
-    Distances are computed with `torch.cdist` in `(batch_size, batch_size)` blocks on the device of
-    `real_features`, in float32 (float64 when both inputs are float64).
+    Distances are computed with ``torch.cdist`` in ``(batch_size, batch_size)`` blocks on the device of
+    ``real_features``, in float32 (float64 when both inputs are float64).
 
     Args:
-        real_features (`torch.Tensor` or `np.ndarray` of shape `(N_real, D)`): features of real images.
-        fake_features (`torch.Tensor` or `np.ndarray` of shape `(N_fake, D)`): features of generated images.
-        k (`int`, defaults to 3): neighbourhood size.
-        batch_size (`int`, defaults to 4096): block size of the pairwise distance computation.
+        real_features (torch.Tensor or np.ndarray): features ``(N_real, D)`` of real images.
+        fake_features (torch.Tensor or np.ndarray): features ``(N_fake, D)`` of generated images.
+        k (int): neighbourhood size.
+        batch_size (int): block size of the pairwise distance computation.
 
     Returns:
-        [`PrecisionRecall`]: `(precision, recall)`, each in [0, 1].
+        The ``(precision, recall)`` pair, each in [0, 1].
     """
     real = torch.as_tensor(real_features)
     fake = torch.as_tensor(fake_features)

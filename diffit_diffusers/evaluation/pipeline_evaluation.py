@@ -1,4 +1,4 @@
-"""Sampling-based evaluation of a pipeline (optionally across `accelerate` processes) and CLI feature extractors."""
+"""Sampling-based evaluation of a pipeline (optionally across ``accelerate`` processes) and CLI feature extractors."""
 
 import os
 import time
@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .evaluate import _check_feature_dim
+from .evaluate import build_metrics_report, check_evaluation_inputs, check_feature_dim
 from .feature_extractors import FeatureExtractor, InceptionFeatureExtractor, ModuleFeatureExtractor
-from .metrics import inception_score, precision_recall
 from .statistics import FeatureStatistics, gather_statistics
 
 
@@ -29,9 +28,10 @@ _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 def extractor_input_channels(extractor: FeatureExtractor) -> Optional[int]:
     """
-    Number of image channels `extractor` takes, or `None` when it cannot be told (then images are passed unchanged).
+    Number of image channels ``extractor`` takes, or ``None`` when it cannot be told (then images are passed
+    unchanged).
 
-    Inception-v3 takes RGB. For a [`ModuleFeatureExtractor`] without `preprocess` it is the input channels of the
+    Inception-v3 takes RGB. For a ``ModuleFeatureExtractor`` without ``preprocess`` it is the input channels of the
     first 4-d weight (the first convolution) of the wrapped module.
     """
     if isinstance(extractor, InceptionFeatureExtractor):
@@ -42,7 +42,7 @@ def extractor_input_channels(extractor: FeatureExtractor) -> Optional[int]:
 
 
 def _module_input_channels(module: torch.nn.Module) -> Optional[int]:
-    """Input channels of the first 4-d weight (the first convolution) of `module`, `None` if it has none."""
+    """Input channels of the first 4-d weight (the first convolution) of ``module``, ``None`` if it has none."""
     for parameter in module.parameters():
         if parameter.ndim == 4:
             return parameter.shape[1]
@@ -54,11 +54,11 @@ def match_channels(images: torch.Tensor, num_channels: Optional[int]) -> torch.T
     Converts grayscale to RGB (repeated channel) or RGB to grayscale (BT.601 luma) so that images fit an extractor.
 
     Args:
-        images (`torch.Tensor` of shape `(B, C, H, W)`): uint8 or float images.
-        num_channels (`int`, *optional*): channels the extractor takes; `None` or `C` leaves the images unchanged.
+        images (torch.Tensor): uint8 or float images ``(B, C, H, W)``.
+        num_channels (int, optional): channels the extractor takes; ``None`` or ``C`` leaves the images unchanged.
 
     Returns:
-        `torch.Tensor` of shape `(B, num_channels, H, W)` and the dtype of `images`.
+        The images ``(B, num_channels, H, W)``, with the dtype of ``images``.
     """
     channels = images.shape[1]
     if num_channels is None or channels == num_channels:
@@ -87,9 +87,9 @@ def _is_torchscript_archive(path: Path) -> bool:
 
 def load_module_file(path: Union[str, os.PathLike]) -> torch.nn.Module:
     """
-    Loads a full `torch.nn.Module` from a TorchScript archive (`torch.jit.save`) or a `torch.save(module)` file.
+    Loads a full ``torch.nn.Module`` from a TorchScript archive (``torch.jit.save``) or a ``torch.save(module)`` file.
 
-    Plain `torch.save` files are unpickled with `weights_only=False`, which can run arbitrary code: only pass files
+    Plain ``torch.save`` files are unpickled with ``weights_only=False``, which can run arbitrary code: only pass files
     you trust. The module class of such a file must be importable.
     """
     path = Path(path).expanduser()
@@ -127,17 +127,17 @@ def build_feature_extractor(
     Builds a feature extractor from a command-line spec.
 
     Args:
-        spec (`str`): `"inception"` for the standard FID Inception-v3 ([`InceptionFeatureExtractor`], needs
-            torch-fidelity), or `"module:PATH"` for a network saved at `PATH` with `torch.jit.save` or
-            `torch.save(model)` (loaded with `weights_only=False`, so only use files you trust). Grayscale or RGB
+        spec (str): ``"inception"`` for the standard FID Inception-v3 (``InceptionFeatureExtractor``, needs
+            torch-fidelity), or ``"module:PATH"`` for a network saved at ``PATH`` with ``torch.jit.save`` or
+            ``torch.save(model)`` (loaded with ``weights_only=False``, so only use files you trust). Grayscale or RGB
             images are converted to the channel count of the module's first convolution.
-        weights_path (`str` or `os.PathLike`, *optional*): local Inception weights file (only with `"inception"`).
-        feature_layer (`str`, *optional*): with `"module:PATH"`, dotted name of the submodule whose output are the
+        weights_path (str or os.PathLike, optional): local Inception weights file (only with ``"inception"``).
+        feature_layer (str, optional): with ``"module:PATH"``, dotted name of the submodule whose output are the
             features (e.g. a classifier's penultimate layer); by default the module's output are the features. Not
             available for TorchScript files.
-        output_is_logits (`bool`, defaults to `False`): with `feature_layer`, use the module's output as class logits
+        output_is_logits (bool): with ``feature_layer``, use the module's output as class logits
             (for the Inception Score).
-        device (`str` or `torch.device`, defaults to `"cpu"`): where the extractor runs.
+        device (str or torch.device): where the extractor runs.
     """
     if not isinstance(spec, str):
         raise TypeError(f"The feature extractor spec must be a string, got {type(spec).__name__}.")
@@ -178,7 +178,7 @@ def build_feature_extractor(
 
 
 def sample_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator for sample `index` of a run seeded with `seed`, independent of batching and processes."""
+    """A CPU generator for sample ``index`` of a run seeded with ``seed``, independent of batching and processes."""
     state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
@@ -190,15 +190,16 @@ def class_labels_for_samples(
     The class label of every sample index.
 
     Args:
-        class_labels: `"balanced"` (sample `i` gets class `i % num_classes`), `"random"` (uniform classes drawn with
-            `seed`), or a list of class ids cycled over the samples. Unconditional pipelines (`num_classes=None`)
-            accept only `"balanced"`, `"random"` or `None` and get no labels.
-        num_classes (`int`, *optional*): number of classes of the pipeline, `None` when unconditional.
-        num_samples (`int`): number of samples.
-        seed (`int`, defaults to 0): seed of the `"random"` labels.
+        class_labels (str or Sequence[int], optional): ``"balanced"`` (sample ``i`` gets class ``i % num_classes``),
+            ``"random"`` (uniform classes drawn with ``seed``), or a list of class ids cycled over the samples.
+            Unconditional pipelines (``num_classes=None``) accept only ``"balanced"``, ``"random"`` or ``None`` and
+            get no labels.
+        num_classes (int, optional): number of classes of the pipeline, ``None`` when unconditional.
+        num_samples (int): number of samples.
+        seed (int): seed of the ``"random"`` labels.
 
     Returns:
-        `torch.LongTensor` of shape `(num_samples,)`, or `None` for unconditional pipelines.
+        The labels as a ``torch.LongTensor`` ``(num_samples,)``, or ``None`` for unconditional pipelines.
     """
     is_mode = isinstance(class_labels, str)
     if is_mode and class_labels not in CLASS_LABEL_MODES:
@@ -227,12 +228,12 @@ def class_labels_for_samples(
 
 
 def quantize_images(images: torch.Tensor) -> torch.Tensor:
-    """Rounds float images `(B, C, H, W)` in [0, 1] to uint8, as they are stored in PNG files."""
+    """Rounds float images ``(B, C, H, W)`` in [0, 1] to uint8, as they are stored in PNG files."""
     return (images.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
 def save_images(images: torch.Tensor, indices: Sequence[int], folder: Union[str, os.PathLike]) -> None:
-    """Writes uint8 images `(B, C, H, W)` with 1 or 3 channels as `folder/{index:06d}.png`."""
+    """Writes uint8 images ``(B, C, H, W)`` with 1 or 3 channels as ``folder/{index:06d}.png``."""
     if images.shape[1] not in (1, 3):
         raise ValueError(f"Only grayscale or RGB samples can be saved as PNG, got {images.shape[1]} channels.")
     for image, index in zip(images.permute(0, 2, 3, 1).cpu().numpy(), indices):
@@ -240,7 +241,7 @@ def save_images(images: torch.Tensor, indices: Sequence[int], folder: Union[str,
 
 
 def _gather_rows_by_index(indices: torch.Tensor, rows: torch.Tensor, accelerator) -> torch.Tensor:
-    """Collects `rows` `(n, D)` of every process and orders them by their sample `indices` `(n,)`."""
+    """Collects ``rows`` ``(n, D)`` of every process and orders them by their sample ``indices`` ``(n,)``."""
     if accelerator is not None and accelerator.num_processes > 1:
         device = accelerator.device
         indices = accelerator.gather(accelerator.pad_across_processes(indices.to(device), dim=0, pad_index=-1))
@@ -248,41 +249,6 @@ def _gather_rows_by_index(indices: torch.Tensor, rows: torch.Tensor, accelerator
         kept = indices >= 0
         indices, rows = indices[kept], rows[kept]
     return rows[indices.argsort()]
-
-
-def _metrics_report(
-    extractor: FeatureExtractor,
-    statistics: FeatureStatistics,
-    reference: FeatureStatistics,
-    real_features: Optional[torch.Tensor],
-    fake_features: Optional[torch.Tensor],
-    logits: Optional[torch.Tensor],
-    k: int,
-    is_splits: int,
-) -> Dict[str, Any]:
-    distance = statistics.frechet_distance(reference)
-    report: Dict[str, Any] = {
-        "feature_extractor": extractor.name,
-        "num_samples": statistics.count,
-        "reference_num_samples": reference.count,
-        "frechet_distance": distance,
-    }
-    if extractor.computes_standard_fid:
-        report["fid"] = distance
-    if real_features is not None:
-        real_features = real_features.to(extractor.device)
-        scores = precision_recall(real_features, fake_features, k=k)
-        report.update(
-            precision=scores.precision,
-            recall=scores.recall,
-            precision_recall_k=k,
-            precision_recall_num_real=real_features.shape[0],
-            precision_recall_num_fake=fake_features.shape[0],
-        )
-    if logits is not None:
-        score_mean, score_std = inception_score(logits, splits=is_splits, input_type="logits")
-        report.update(inception_score=score_mean, inception_score_std=score_std)
-    return report
 
 
 def _describe_class_labels(class_labels: ClassLabels, labels: Optional[torch.Tensor]) -> Union[str, List[int], None]:
@@ -318,47 +284,49 @@ def evaluate_pipeline(
     is_splits: int = 10,
 ) -> Dict[str, Any]:
     """
-    Samples `num_samples` images from a [`DiffiTPipeline`] in batches and evaluates them against `reference`,
-    streaming: only feature statistics, the features of at most `max_pr_samples` samples (for precision/recall)
-    and, with `compute_is`, the class logits are kept.
+    Samples ``num_samples`` images from a ``DiffiTPipeline`` in batches and evaluates them against ``reference``,
+    streaming: only feature statistics, the features of at most ``max_pr_samples`` samples (for precision/recall)
+    and, with ``compute_is``, the class logits are kept.
 
-    Sample `i` is drawn from its own generator (seeded from `seed` and `i`) with its own label, so the samples do not
-    depend on `batch_size` or on the number of processes. Samples are rounded to uint8 (as saved to PNG) before the
-    features are computed; 1-channel samples are repeated to RGB for 3-channel extractors (see [`match_channels`]).
+    Sample ``i`` is drawn from its own generator (seeded from ``seed`` and ``i``) with its own label, so the samples do
+    not depend on ``batch_size`` or on the number of processes. Samples are rounded to uint8 (as saved to PNG) before
+    the features are computed; 1-channel samples are repeated to RGB for 3-channel extractors (see
+    ``match_channels``).
     The pipeline's own per-step progress bar is disabled.
 
-    With an `accelerate.Accelerator`, every process must call this function: each samples a contiguous share of
-    the indices on `accelerator.device`, the statistics are merged with [`gather_statistics`], the precision/recall
+    With an ``accelerate.Accelerator``, every process must call this function: each samples a contiguous share of
+    the indices on ``accelerator.device``, the statistics are merged with ``gather_statistics``, the precision/recall
     features and logits are gathered, and the main process computes the report, which every process returns.
 
     Args:
-        pipeline ([`DiffiTPipeline`]): the pipeline to sample from.
-        num_samples (`int`): number of samples (at least 2 and at least the number of processes).
-        batch_size (`int`): samples per pipeline call on each process.
-        extractor ([`FeatureExtractor`]): the same extractor that produced `reference`.
-        reference ([`FeatureStatistics`]): statistics of the real images.
-        real_features_for_pr (`torch.Tensor` of shape `(N_real, D)`, *optional*): real features; when given, precision
-            and recall are computed against the features of a random subset of `max_pr_samples` samples.
-        num_inference_steps (`int`, *optional*): sampler steps; `None` uses the pipeline's default.
-        guidance_scale (`float`, *optional*): guidance scale; `None` uses the pipeline's default.
-        guidance_schedule (`str`, *optional*): `"constant"` or `"power_cosine"`; `None` uses the pipeline's default.
-        class_labels (`str` or `List[int]`, *optional*, defaults to `"balanced"`): see [`class_labels_for_samples`].
-        seed (`int`, defaults to 0): seed of the samples, the `"random"` labels and the precision/recall subset.
-        accelerator (`accelerate.Accelerator`, *optional*): distributes the sampling; the pipeline and the extractor
+        pipeline (DiffiTPipeline): the pipeline to sample from.
+        num_samples (int): number of samples (at least 2 and at least the number of processes).
+        batch_size (int): samples per pipeline call on each process.
+        extractor (FeatureExtractor): the same extractor that produced ``reference``.
+        reference (FeatureStatistics): statistics of the real images.
+        real_features_for_pr (torch.Tensor, optional): real features ``(N_real, D)``; when given, precision and
+            recall are computed against the features of a random subset of ``max_pr_samples`` samples.
+        num_inference_steps (int, optional): sampler steps; ``None`` uses the pipeline's default.
+        guidance_scale (float, optional): guidance scale; ``None`` uses the pipeline's default.
+        guidance_schedule (str, optional): ``"constant"`` or ``"power_cosine"``; ``None`` uses the pipeline's default.
+        class_labels (str or Sequence[int], optional): see ``class_labels_for_samples``.
+        seed (int): seed of the samples, the ``"random"`` labels and the precision/recall subset.
+        accelerator (accelerate.Accelerator, optional): distributes the sampling; the pipeline and the extractor
             are moved to its device. Without it, everything runs where the pipeline and the extractor are.
-        compute_is (`bool`, defaults to `False`): compute the Inception Score from the extractor's logits.
-        show_progress (`bool`, defaults to `True`): show a progress bar (on the main process).
-        save_samples_dir (`str` or `os.PathLike`, *optional*): also write every sample as `{index:06d}.png` here.
-        max_pr_samples (`int`, defaults to 10000): number of samples whose features are kept for precision/recall.
-        k (`int`, defaults to 3): neighbourhood size of precision/recall.
-        is_splits (`int`, defaults to 10): chunks of the Inception Score.
+        compute_is (bool): compute the Inception Score from the extractor's logits.
+        show_progress (bool): show a progress bar (on the main process).
+        save_samples_dir (str or os.PathLike, optional): also write every sample as ``{index:06d}.png`` here.
+        max_pr_samples (int): number of samples whose features are kept for precision/recall.
+        k (int): neighbourhood size of precision/recall.
+        is_splits (int): chunks of the Inception Score.
 
     Returns:
-        `dict` (JSON-serialisable) with the metrics of [`evaluate_samples`] (`feature_extractor`, `num_samples`,
-        `reference_num_samples`, `frechet_distance`, `fid` for the standard Inception, and when requested
-        `precision`, `recall`, `precision_recall_*`, `inception_score`, `inception_score_std`), the sampling settings
-        `pipeline` (its path when known), `num_inference_steps`, `guidance_scale`, `guidance_schedule`,
-        `class_labels`, `seed`, `batch_size`, `num_processes`, and the timing `seconds` and `samples_per_second`.
+        A JSON-serialisable report with the metrics of ``evaluate_samples`` (``feature_extractor``, ``num_samples``,
+            ``reference_num_samples``, ``frechet_distance``, ``fid`` for the standard Inception, and when requested
+            ``precision``, ``recall``, ``precision_recall_*``, ``inception_score``, ``inception_score_std``), the
+            sampling settings ``pipeline`` (its path when known), ``num_inference_steps``, ``guidance_scale``,
+            ``guidance_schedule``, ``class_labels``, ``seed``, ``batch_size``, ``num_processes``, and the timing
+            ``seconds`` and ``samples_per_second``.
     """
     num_processes = 1 if accelerator is None else accelerator.num_processes
     process_index = 0 if accelerator is None else accelerator.process_index
@@ -369,26 +337,7 @@ def evaluate_pipeline(
     _check_positive_int(max_pr_samples, "max_pr_samples")
     if num_inference_steps is not None:
         _check_positive_int(num_inference_steps, "num_inference_steps")
-    if not isinstance(extractor, FeatureExtractor):
-        raise TypeError(
-            f"`extractor` must be a FeatureExtractor (see build_feature_extractor), got {type(extractor).__name__}."
-        )
-    if not isinstance(reference, FeatureStatistics):
-        raise TypeError(f"`reference` must be FeatureStatistics, got {type(reference).__name__}.")
-    if reference.dim is None or reference.count == 0:
-        raise ValueError("`reference` statistics are empty.")
-    if compute_is and not extractor.provides_logits:
-        raise ValueError(
-            f"`compute_is=True` needs class logits but extractor {extractor.name!r} provides none; use "
-            "InceptionFeatureExtractor or a module extractor with a feature layer and `output_is_logits=True`."
-        )
-    if real_features_for_pr is not None:
-        real_features_for_pr = torch.as_tensor(real_features_for_pr)
-        if real_features_for_pr.ndim != 2:
-            raise ValueError(
-                f"`real_features_for_pr` must have shape (N, D), got {tuple(real_features_for_pr.shape)}."
-            )
-        _check_feature_dim(real_features_for_pr, reference.dim, "`reference`")
+    real_features_for_pr = check_evaluation_inputs(extractor, reference, compute_is, real_features_for_pr)
 
     config = pipeline.config
     num_inference_steps = num_inference_steps or config.get("default_num_inference_steps")
@@ -430,7 +379,7 @@ def evaluate_pipeline(
             if save_samples_dir is not None:
                 save_images(images, batch_indices.tolist(), save_samples_dir)
             output = extractor.extract(match_channels(images, num_channels))
-            _check_feature_dim(output.features, reference.dim, "`reference`")
+            check_feature_dim(output.features, reference)
             statistics.update(output.features)
             if pr_sample_mask is not None:
                 kept = pr_sample_mask[batch_indices]
@@ -451,8 +400,15 @@ def evaluate_pipeline(
 
     report = None
     if is_main_process:
-        report = _metrics_report(
-            extractor, statistics, reference, real_features_for_pr, fake_features, logits, k, is_splits
+        report = build_metrics_report(
+            extractor,
+            statistics,
+            reference,
+            real_features=None if real_features_for_pr is None else real_features_for_pr.to(extractor.device),
+            fake_features=fake_features,
+            logits=logits,
+            k=k,
+            is_splits=is_splits,
         )
         report.update(
             pipeline=getattr(pipeline, "name_or_path", None),

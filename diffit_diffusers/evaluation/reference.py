@@ -1,4 +1,4 @@
-"""Reading image collections (folders, `.npz` batches, local or Hub datasets) and computing their statistics."""
+"""Reading image collections (folders, ``.npz`` batches, local or Hub datasets) and computing their statistics."""
 
 import io
 import math
@@ -25,7 +25,8 @@ _NPZ_ROWS_PER_READ = 256
 
 
 def _resize_and_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Scales the shorter side to `resolution` (bicubic, antialiased when shrinking), then crops the centre square."""
+    """Scales the shorter side to ``resolution`` (bicubic, antialiased when shrinking), then crops the centre
+    square."""
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
@@ -34,7 +35,7 @@ def _resize_and_center_crop(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def _open_image(value: Any, description: str) -> Image.Image:
-    """Decodes the image representations found in datasets and `.npz` files into an RGB PIL image."""
+    """Decodes the image representations found in datasets and ``.npz`` files into an RGB PIL image."""
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -70,7 +71,8 @@ def _iterate_folder_images(folder: Path) -> Iterator[Path]:
 
 
 def _iterate_npz_images(path: Path) -> Iterator[np.ndarray]:
-    """Streams the uint8 images `(N, H, W[, C])` stored as `arr_0` of an `.npz` without loading the whole array."""
+    """Streams the uint8 images ``(N, H, W[, C])`` stored as ``arr_0`` of an ``.npz`` without loading the whole
+    array."""
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as error:
@@ -129,7 +131,9 @@ def _select_split(dataset_dict, split: str, source: str):
     return dataset_dict[split]
 
 
-def _looks_like_local_path(source: str) -> bool:
+def looks_like_local_path(source: str) -> bool:
+    """Whether ``source`` is written as a local path (absolute, relative, nested or with a data/image suffix) rather
+    than as a Hub id such as ``user/name``, so that a missing one is reported as a missing file."""
     return (
         os.path.isabs(source)
         or source.startswith((".", "~"))
@@ -172,7 +176,7 @@ def _iterate_source_images(
         dataset = datasets.load_dataset(str(path), split=split, streaming=streaming)
         return _iterate_dataset_images(dataset, image_column, str(path))
     source = os.fspath(source)
-    if _looks_like_local_path(source):
+    if looks_like_local_path(source):
         raise FileNotFoundError(f"{source!r} does not exist.")
     import datasets
 
@@ -212,23 +216,26 @@ def iterate_image_batches(
     resolution: Optional[int] = None,
 ) -> Iterator[torch.Tensor]:
     """
-    Yields the images of a collection as uint8 RGB batches `(B, 3, H, W)`, reading one batch at a time.
+    Yields the images of a collection as uint8 RGB batches ``(B, 3, H, W)``, reading one batch at a time.
 
-    `source` may be:
-    - an `.npz` file holding `arr_0` uint8 images `(N, H, W[, C])` (ADM sample/reference batches), streamed from disk;
+    ``source`` may be:
+
+    - an ``.npz`` file holding ``arr_0`` uint8 images ``(N, H, W[, C])`` (ADM sample/reference batches), streamed from
+      disk;
     - a folder of image files (searched recursively, sorted by path);
-    - a local data file (`.parquet`, `.arrow`, `.csv`, `.json(l)`), a `save_to_disk` folder, or any folder that
-      `datasets.load_dataset` understands;
-    - a dataset id on the Hugging Face Hub, loaded with `datasets.load_dataset(source, split=split,
-      streaming=streaming)`.
+    - a local data file (``.parquet``, ``.arrow``, ``.csv``, ``.json(l)``), a ``save_to_disk`` folder, or any folder
+      that ``datasets.load_dataset`` understands;
+    - a dataset id on the Hugging Face Hub, loaded with
+      ``datasets.load_dataset(source, split=split, streaming=streaming)``.
 
     Args:
-        image_column (`str`, defaults to `"image"`): dataset column holding the images.
-        split (`str`, defaults to `"train"`): dataset split.
-        streaming (`bool`, defaults to `False`): stream Hub/local datasets instead of downloading/preparing them.
-        batch_size (`int`, defaults to 64): images per batch.
-        max_samples (`int`, *optional*): stop after this many images.
-        resolution (`int`, *optional*): scale the shorter side to this size and crop the centre square; required
+        source (str or os.PathLike): the image collection, one of the kinds above.
+        image_column (str): dataset column holding the images.
+        split (str): dataset split.
+        streaming (bool): stream Hub/local datasets instead of downloading/preparing them.
+        batch_size (int): images per batch.
+        max_samples (int, optional): stop after this many images.
+        resolution (int, optional): scale the shorter side to this size and crop the centre square; required
             when the images have different sizes.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -274,18 +281,18 @@ def compute_reference_statistics(
     """
     Feature statistics of a reference image collection, computed batch by batch.
 
-    An `.npz` file holding `mu` and `sigma` is loaded as precomputed statistics (see [`FeatureStatistics.load`])
-    unless `feature_reservoir` asks for the features, in which case its `arr_0` images are evaluated. Every other
-    source is read with [`iterate_image_batches`] (see there for the accepted kinds and the other arguments).
+    An ``.npz`` file holding ``mu`` and ``sigma`` is loaded as precomputed statistics (see ``FeatureStatistics.load``)
+    unless ``feature_reservoir`` asks for the features, in which case its ``arr_0`` images are evaluated. Every other
+    source is read with ``iterate_image_batches`` (see there for the accepted kinds and the other arguments).
 
     Args:
-        extractor ([`FeatureExtractor`]): maps the images to features.
-        feature_reservoir ([`FeatureReservoir`], *optional*): also receives the features, e.g. to keep a random
-            subset of real features for [`precision_recall`].
-        show_progress (`bool`, defaults to `False`): show a progress bar.
+        extractor (FeatureExtractor): maps the images to features.
+        feature_reservoir (FeatureReservoir, optional): also receives the features, e.g. to keep a random
+            subset of real features for ``precision_recall``.
+        show_progress (bool): show a progress bar.
 
     Returns:
-        [`FeatureStatistics`] of the features.
+        ``FeatureStatistics`` of the features.
     """
     path = Path(source).expanduser()
     if path.suffix.lower() == ".npz" and path.is_file() and feature_reservoir is None and _npz_has_statistics(path):

@@ -33,17 +33,17 @@ class FeatureStatistics:
     Mean and covariance of features, accumulated batch by batch in float64.
 
     Batches are combined with the parallel (Chan et al.) update of the mean and of the centred sum of outer products
-    `M2 = sum_i (x_i - mean)(x_i - mean)^T`, so no sample has to be kept and large feature means cause no
-    cancellation. `covariance` is the unbiased estimate `M2 / (count - 1)`, as `np.cov` (and the FID references)
+    ``M2 = sum_i (x_i - mean)(x_i - mean)^T``, so no sample has to be kept and large feature means cause no
+    cancellation. ``covariance`` is the unbiased estimate ``M2 / (count - 1)``, as ``np.cov`` (and the FID references)
     compute it.
 
     Statistics loaded from a file without a sample count (e.g. the ADM evaluator's reference batches) are final:
-    they can be compared but not updated or merged, and their `count` is `None`.
+    they can be compared but not updated or merged, and their ``count`` is ``None``.
 
     Args:
-        dim (`int`, *optional*): feature dimension; inferred from the first batch when omitted. Set it when a process
-            may see no samples before [`gather_statistics`].
-        device (`str` or `torch.device`, defaults to `"cpu"`): where the float64 accumulators live.
+        dim (int, optional): feature dimension; inferred from the first batch when omitted. Set it when a process
+            may see no samples before ``gather_statistics``.
+        device (str or torch.device): where the float64 accumulators live.
     """
 
     def __init__(self, dim: Optional[int] = None, device: Union[str, torch.device] = "cpu"):
@@ -62,7 +62,7 @@ class FeatureStatistics:
     def from_features(
         cls, features: Union[torch.Tensor, np.ndarray], device: Union[str, torch.device] = "cpu"
     ) -> "FeatureStatistics":
-        """Statistics of one feature matrix `(N, D)`."""
+        """Statistics of one feature matrix ``(N, D)``."""
         statistics = cls(device=device)
         statistics.update(features)
         return statistics
@@ -79,12 +79,12 @@ class FeatureStatistics:
 
     @property
     def dim(self) -> Optional[int]:
-        """Feature dimension, `None` before the first batch when not given."""
+        """Feature dimension, ``None`` before the first batch when not given."""
         return None if self._mean is None else self._mean.shape[0]
 
     @property
     def count(self) -> Optional[int]:
-        """Number of accumulated samples (`None` for statistics loaded without a count)."""
+        """Number of accumulated samples (``None`` for statistics loaded without a count)."""
         return self._count
 
     def _require_count(self, action: str) -> int:
@@ -96,7 +96,7 @@ class FeatureStatistics:
         return self._count
 
     def _combine(self, count: int, mean: torch.Tensor, second_moment: torch.Tensor) -> None:
-        """Adds a group of `count` samples with the given mean and centred second moment."""
+        """Adds a group of ``count`` samples with the given mean and centred second moment."""
         if count == 0:
             return
         if self._mean is None:
@@ -115,7 +115,7 @@ class FeatureStatistics:
         Adds a batch of features.
 
         Args:
-            features (`torch.Tensor` or `np.ndarray` of shape `(N, D)`): finite features.
+            features (torch.Tensor or np.ndarray): finite features ``(N, D)``.
         """
         self._require_count("update statistics")
         features = _validate_features(features, self.dim)
@@ -127,7 +127,7 @@ class FeatureStatistics:
         self._combine(features.shape[0], batch_mean, centred.T @ centred)
 
     def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
-        """Adds the samples summarised by `other` (e.g. from another process) in place and returns `self`."""
+        """Adds the samples summarised by ``other`` (e.g. from another process) in place and returns ``self``."""
         if not isinstance(other, FeatureStatistics):
             raise TypeError(f"Can only merge FeatureStatistics, got {type(other).__name__}.")
         self._require_count("merge statistics")
@@ -143,14 +143,14 @@ class FeatureStatistics:
 
     @property
     def mean(self) -> np.ndarray:
-        """Feature mean, float64 array of shape `(D,)`."""
+        """Feature mean, float64 array of shape ``(D,)``."""
         if self._mean is None or self._count == 0:
             raise ValueError("No features have been accumulated yet.")
         return self._mean.cpu().numpy()
 
     @property
     def covariance(self) -> np.ndarray:
-        """Unbiased feature covariance, float64 array of shape `(D, D)`."""
+        """Unbiased feature covariance, float64 array of shape ``(D, D)``."""
         if self._count is None:
             return self._second_moment.cpu().numpy()
         if self._count < 2:
@@ -158,11 +158,12 @@ class FeatureStatistics:
         return (self._second_moment / (self._count - 1)).cpu().numpy()
 
     def frechet_distance(self, other: "FeatureStatistics") -> float:
-        """Frechet distance between the Gaussians fitted to `self` and `other`."""
+        """Frechet distance between the Gaussians fitted to ``self`` and ``other``."""
         return frechet_distance(self.mean, self.covariance, other.mean, other.covariance)
 
     def save(self, path: PathLike) -> None:
-        """Writes `mu` `(D,)`, `sigma` `(D, D)` and, when known, `count` to an `.npz` file at exactly `path`."""
+        """Writes ``mu`` ``(D,)``, ``sigma`` ``(D, D)`` and, when known, ``count`` to an ``.npz`` file at exactly
+        ``path``."""
         arrays = {"mu": self.mean, "sigma": self.covariance}
         if self._count is not None:
             arrays["count"] = np.asarray(self._count, dtype=np.int64)
@@ -172,10 +173,11 @@ class FeatureStatistics:
     @classmethod
     def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "FeatureStatistics":
         """
-        Reads statistics from an `.npz` file with arrays `mu` `(D,)` and `sigma` `(D, D)`, and optionally `count`.
+        Reads statistics from an ``.npz`` file with arrays ``mu`` ``(D,)`` and ``sigma`` ``(D, D)``, and optionally
+        ``count``.
 
-        Files written by [`~FeatureStatistics.save`] and the ADM evaluator's reference batches (which also hold
-        `arr_0` images and `mu_s`/`sigma_s` spatial statistics, ignored here) are both accepted.
+        Files written by ``FeatureStatistics.save`` and the ADM evaluator's reference batches (which also hold
+        ``arr_0`` images and ``mu_s``/``sigma_s`` spatial statistics, ignored here) are both accepted.
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Statistics file {os.fspath(path)!r} does not exist.")
@@ -218,12 +220,12 @@ class FeatureStatistics:
 
 class FeatureReservoir:
     """
-    A uniform random subset of at most `capacity` feature rows from a stream (reservoir sampling, Algorithm R), for
+    A uniform random subset of at most ``capacity`` feature rows from a stream (reservoir sampling, Algorithm R), for
     metrics such as precision/recall that need the features themselves.
 
     Args:
-        capacity (`int`): maximum number of rows kept.
-        seed (`int`, defaults to 0): seed of the sampling generator, for reproducible subsets.
+        capacity (int): maximum number of rows kept.
+        seed (int): seed of the sampling generator, for reproducible subsets.
     """
 
     def __init__(self, capacity: int, seed: int = 0):
@@ -235,7 +237,7 @@ class FeatureReservoir:
         self._generator = torch.Generator().manual_seed(seed)
 
     def add(self, features: Union[torch.Tensor, np.ndarray]) -> None:
-        """Offers a batch of features `(N, D)`; they are stored as float32 on the CPU."""
+        """Offers a batch of features ``(N, D)``; they are stored as float32 on the CPU."""
         features = _validate_features(features, None if self._rows is None else self._rows.shape[1])
         features = features.detach().to(device="cpu", dtype=torch.float32)
         if self._rows is None:
@@ -253,7 +255,7 @@ class FeatureReservoir:
 
     @property
     def features(self) -> torch.Tensor:
-        """The kept rows, float32 tensor of shape `(min(num_seen, capacity), D)`."""
+        """The kept rows, float32 tensor of shape ``(min(num_seen, capacity), D)``."""
         if self._rows is None:
             raise ValueError("The reservoir has not received any features yet.")
         return self._rows
@@ -261,14 +263,14 @@ class FeatureReservoir:
 
 def gather_statistics(statistics: FeatureStatistics, accelerator) -> FeatureStatistics:
     """
-    Merges the per-process statistics of a distributed run (`accelerate launch`) into statistics of all samples.
+    Merges the per-process statistics of a distributed run (``accelerate launch``) into statistics of all samples.
 
     Every process must call this (it is a collective operation) and returns the same merged result.
 
     Args:
-        statistics ([`FeatureStatistics`]): this process's statistics; give them `dim` up front if a process may
+        statistics (FeatureStatistics): this process's statistics; give them ``dim`` up front if a process may
             receive no samples.
-        accelerator (`accelerate.Accelerator`): the run's accelerator; its `gather` collects counts, means and
+        accelerator (accelerate.Accelerator): the run's accelerator; its ``gather`` collects counts, means and
             centred second moments, which are then combined exactly.
     """
     statistics._require_count("gather statistics")
