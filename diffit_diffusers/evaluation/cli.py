@@ -11,7 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from .pipeline_evaluation import CLASS_LABEL_MODES, build_feature_extractor, evaluate_pipeline
-from .reference import compute_reference_statistics, looks_like_local_path
+from ..dataset_sources import looks_like_local_path
+from .reference import compute_reference_statistics
 from .statistics import FeatureReservoir
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..dataset_sources import looks_like_local_path, select_split
 from .feature_extractors import FeatureExtractor
 from .statistics import FeatureReservoir, FeatureStatistics
 
@@ -125,24 +126,6 @@ def _read_column(dataset, image_column: str, source: str) -> Iterator[Any]:
         yield example[image_column]
 
 
-def _select_split(dataset_dict, split: str, source: str):
-    if split not in dataset_dict:
-        raise ValueError(f"{source} has no split {split!r}; available splits: {sorted(dataset_dict)}.")
-    return dataset_dict[split]
-
-
-def looks_like_local_path(source: str) -> bool:
-    """Whether ``source`` is written as a local path (absolute, relative, nested or with a data/image suffix) rather
-    than as a Hub id such as ``user/name``, so that a missing one is reported as a missing file."""
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-        or Path(source).suffix.lower() in (".npz", *DATA_FILE_BUILDERS, *IMAGE_EXTENSIONS)
-    )
-
-
 def _iterate_source_images(
     source: Union[str, os.PathLike], image_column: str, split: str, streaming: bool
 ) -> Iterator[Any]:
@@ -167,7 +150,7 @@ def _iterate_source_images(
 
             dataset = datasets.load_from_disk(str(path))
             if isinstance(dataset, datasets.DatasetDict):
-                dataset = _select_split(dataset, split, str(path))
+                dataset = select_split(dataset, split, str(path))
             return _iterate_dataset_images(dataset, image_column, str(path))
         if any(file.suffix.lower() in IMAGE_EXTENSIONS for file in path.rglob("*")):
             return _iterate_folder_images(path)
@@ -176,7 +159,7 @@ def _iterate_source_images(
         dataset = datasets.load_dataset(str(path), split=split, streaming=streaming)
         return _iterate_dataset_images(dataset, image_column, str(path))
     source = os.fspath(source)
-    if looks_like_local_path(source):
+    if looks_like_local_path(source, (".npz", *DATA_FILE_BUILDERS, *IMAGE_EXTENSIONS)):
         raise FileNotFoundError(f"{source!r} does not exist.")
     import datasets
 

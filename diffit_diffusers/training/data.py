@@ -25,8 +25,11 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
+from ..dataset_sources import looks_like_local_path, select_split
+
 
 logger = logging.getLogger(__name__)
+
 
 DIGITS_DATASET_NAME = "digits"
 DIGITS_NUM_CLASSES = 10
@@ -198,18 +201,6 @@ def load_digits_dataset(resolution: int = 8) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
 
 
-def _looks_like_local_path(name: str) -> bool:
-    path = Path(name)
-    has_path_form = path.is_absolute() or name.startswith((".", "~")) or len(path.parts) > 2
-    return has_path_form or path.suffix in _DATA_FILE_BUILDERS
-
-
-def _select_split(dataset_dict: datasets.DatasetDict, split: str, source_name: str) -> datasets.Dataset:
-    if split not in dataset_dict:
-        raise ValueError(f"Split {split!r} not found in {source_name}; available splits: {sorted(dataset_dict)}.")
-    return dataset_dict[split]
-
-
 def _load_source(config: DataConfig) -> tuple[Union[datasets.Dataset, datasets.IterableDataset], str]:
     """Loads the configured dataset split; returns it with a name for messages."""
     load_kwargs = {"split": config.split, "cache_dir": config.cache_dir, "streaming": config.streaming}
@@ -241,11 +232,11 @@ def _load_source(config: DataConfig) -> tuple[Union[datasets.Dataset, datasets.I
         return datasets.load_dataset(builder, data_files=str(path), **load_kwargs), source_name
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
-            return _select_split(datasets.load_from_disk(str(path)), config.split, source_name), source_name
+            return select_split(datasets.load_from_disk(str(path)), config.split, source_name), source_name
         if (path / "state.json").is_file():
             return datasets.load_from_disk(str(path)), source_name
         return datasets.load_dataset(str(path), config.dataset_config_name, **load_kwargs), source_name
-    if _looks_like_local_path(name):
+    if looks_like_local_path(name, _DATA_FILE_BUILDERS):
         raise FileNotFoundError(
             f"`dataset_name` {name!r} looks like a local path but nothing exists at {str(path.resolve())!r}; "
             f"expected a {' or '.join(_DATA_FILE_BUILDERS)} file or a dataset folder."
