@@ -28,7 +28,7 @@ setup(
     extras_require={
         "train": ["tensorboard>=2.14", "scikit-learn>=1.3"],
         "test": ["pytest>=8.0", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorboard>=2.14"],
-        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff>=0.6"],
         "eval": ["scipy>=1.10"],
     },
     classifiers=[

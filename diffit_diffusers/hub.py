@@ -199,6 +199,22 @@ def push_folder_to_hub(
     return commit.commit_url
 
 
+def resolve_hub_repo_id(name: str, token: str | None = None, endpoint: str | None = None) -> str:
+    """``name`` as a full ``namespace/name`` repo id: a bare name gets the token owner's namespace.
+
+    If the Hub cannot be asked (offline, no token), the bare name is returned with a warning: uploads then fail
+    and are retried, but nothing else is affected.
+    """
+    if "/" in name:
+        return name
+    try:
+        owner = HfApi(endpoint=endpoint, token=token).whoami()["name"]
+    except (OSError, ValueError, KeyError) as error:
+        logger.warning(f"Could not look up the Hub user to name the repo {name!r} ({error}); pass `namespace/name`.")
+        return name
+    return f"{owner}/{name}"
+
+
 @dataclass
 class _UploadJob:
     """A private copy of a folder waiting to be uploaded; `snapshot_root` is deleted once it is no longer needed."""

@@ -132,13 +132,15 @@ class FakeHubServer:
 
     Attributes:
         url: base URL, e.g. `http://127.0.0.1:41234` (use it as `HF_ENDPOINT`).
+        user: the account `whoami` reports for any token.
         fail_with: when set to an HTTP status (e.g. 500), every request is answered with that status (settable).
         requests: every request received, in order (`RecordedRequest`).
         created_repos: every repo created through the API, in order (`CreatedRepo`).
     """
 
-    def __init__(self, fail_with: int | None = None):
+    def __init__(self, fail_with: int | None = None, user: str = "tester"):
         self.fail_with = fail_with
+        self.user = user
         self.requests: list[RecordedRequest] = []
         self.created_repos: list[CreatedRepo] = []
         self._repos: dict[tuple[str, str], FakeRepo] = {}
@@ -294,6 +296,10 @@ class FakeHubServer:
             return self._create_repo(json.loads(body))
         if method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml(json.loads(body))
+        if method == "GET" and path == "/api/whoami-v2":
+            if not headers.get("authorization"):
+                raise _HubError(HTTPStatus.UNAUTHORIZED, "Invalid credentials in Authorization header")
+            return self._json({"type": "user", "name": self.user, "orgs": []})
         if match := _API_ROUTE.match(path):
             repo_type = _REPO_TYPE_FROM_PLURAL[match["plural"]]
             repo = self._repo(repo_type, match["repo_id"])

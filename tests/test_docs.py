@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,7 +35,10 @@ API_MODULES = (
     "diffit_diffusers.pipelines",
     "diffit_diffusers.hub",
     "diffit_diffusers.evaluation",
+    "diffit_diffusers.evaluation.cli",
     "diffit_diffusers.convert_nvlabs",
+    "diffit_diffusers.training",
+    "diffit_diffusers.training.cli",
 )
 API_DIRECTIVE = re.compile(r"^:::\s+(?P<path>[\w.]+)\s*$", re.MULTILINE)
 MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel)}
@@ -166,11 +170,107 @@ def test_page_snippets_run(page, tmp_path, monkeypatch, hub_server):
     """
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
+    reset_accelerate_state()  # the training and evaluation pages each create an Accelerator, as a fresh process would
     namespace = {"__name__": "__main__"}
-    for block in python_blocks(page):
-        # Leading newlines make tracebacks point at the block's lines in the Markdown page.
-        code = compile("\n" * (block.line - 1) + block.code, str(page.relative_to(REPO_ROOT)), "exec")
-        exec(code, namespace)
+    try:
+        for block in python_blocks(page):
+            # Leading newlines make tracebacks point at the block's lines in the Markdown page.
+            code = compile("\n" * (block.line - 1) + block.code, str(page.relative_to(REPO_ROOT)), "exec")
+            exec(code, namespace)
+    finally:
+        reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state, so that one page's `Accelerator` settings cannot leak into the next."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+@dataclass(frozen=True)
+class ScriptCommand:
+    """One shell command of a bash block that runs an example script, split at the script."""
+
+    block: CodeBlock
+    launcher: list[str]  # the words before the script, e.g. ["accelerate", "launch", "--multi_gpu"]
+    script: str
+    arguments: list[str]
+
+
+def script_commands(page: Path) -> list[ScriptCommand]:
+    """The commands of a page's bash blocks that run `examples/train_diffit.py`, `train_latent_diffit.py` or
+    `evaluate.py` (line continuations joined, comments dropped)."""
+    commands = []
+    for block in code_blocks(page):
+        if block.language != "bash":
+            continue
+        for line in block.code.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            scripts = [index for index, word in enumerate(words) if word.endswith(tuple(EXAMPLE_SCRIPTS))]
+            if scripts:
+                index = scripts[0]
+                commands.append(ScriptCommand(block, words[:index], words[index], words[index + 1 :]))
+    return commands
+
+
+#: The example scripts whose command lines the docs show, with the parser that checks them.
+EXAMPLE_SCRIPTS = ("examples/train_diffit.py", "examples/train_latent_diffit.py", "examples/evaluate.py")
+PAGES_WITH_SCRIPT_COMMANDS = [page for page in PAGES if script_commands(page)]
+
+
+def parse_script_arguments(command: ScriptCommand) -> None:
+    """Parse a command's flags as the script would; argparse exits on an unknown flag or a bad value."""
+    from diffit_diffusers.evaluation.cli import build_parser as evaluation_parser
+    from diffit_diffusers.training import parse_config
+    from diffit_diffusers.training.cli import IMAGE_DEFAULTS, LATENT_DEFAULTS
+
+    if command.script.endswith("evaluate.py"):
+        evaluation_parser().parse_args(command.arguments)
+    else:
+        defaults = LATENT_DEFAULTS if command.script.endswith("train_latent_diffit.py") else IMAGE_DEFAULTS
+        parse_config(command.arguments, "docs", defaults)
+    if command.launcher[:2] == ["accelerate", "launch"]:
+        from accelerate.commands.launch import launch_command_parser
+
+        launch_command_parser().parse_args([*command.launcher[2:], command.script, *command.arguments])
+
+
+def test_script_commands_are_found():
+    assert len(PAGES_WITH_SCRIPT_COMMANDS) >= 6, [page_id(page) for page in PAGES_WITH_SCRIPT_COMMANDS]
+    launched = [command for page in PAGES for command in script_commands(page) if command.launcher[:1] == ["accelerate"]]
+    assert any("--use_fsdp" in command.launcher for command in launched)
+    assert any(command.script.endswith("evaluate.py") for command in launched)
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_SCRIPT_COMMANDS, ids=page_id)
+def test_script_commands_use_real_flags(page, capsys):
+    """Every `accelerate launch` and script flag in the bash blocks exists and takes the value the page gives it."""
+    failures = []
+    for command in script_commands(page):
+        try:
+            parse_script_arguments(command)
+        except SystemExit:
+            failures.append(f"line {command.block.line}: {command.script}: {capsys.readouterr().err.strip()[-300:]}")
+    assert not failures, f"{page_id(page)} shows commands that do not parse:\n" + "\n".join(failures)
+
+
+def test_script_command_check_rejects_bad_flags(capsys):
+    page = DOCS_DIR / "guides" / "train-image.md"
+    block = CodeBlock(page, 1, "bash", "")
+    good = ScriptCommand(block, ["accelerate", "launch", "--multi_gpu"], "examples/train_diffit.py", ["--seed", "1"])
+    parse_script_arguments(good)
+    bad_commands = [
+        ScriptCommand(block, [], "examples/train_diffit.py", ["--sed", "1"]),
+        ScriptCommand(block, [], "examples/train_latent_diffit.py", ["--objective", "flow"]),
+        ScriptCommand(block, [], "examples/evaluate.py", ["--pipeline", "p", "--num_samples", "0", "--reference", "r"]),
+        ScriptCommand(block, ["accelerate", "launch", "--multi_gpus"], "examples/train_diffit.py", []),
+    ]
+    for command in bad_commands:
+        with pytest.raises(SystemExit):
+            parse_script_arguments(command)
+    capsys.readouterr()
 
 
 def _parameter_count(preset: str) -> int:

@@ -258,3 +258,13 @@ def test_background_uploader_newer_submit_replaces_a_queued_one(hub_server, tmp_
     assert commits[0].files == checkpoint_files(1)
     assert commits[1].files == {**checkpoint_files(1), **checkpoint_files(3)}
     assert list(snapshot_parent.iterdir()) == []
+
+
+def test_bare_repo_names_get_the_token_owners_namespace(hub_server, caplog):
+    from diffit_diffusers.hub import resolve_hub_repo_id
+
+    assert resolve_hub_repo_id("org/model") == "org/model"
+    assert resolve_hub_repo_id("model", token="hf_fake") == "tester/model"
+    with caplog.at_level("WARNING"):
+        assert resolve_hub_repo_id("model", token=False) == "model"
+    assert "pass `namespace/name`" in caplog.text

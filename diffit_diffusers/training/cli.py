@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from accelerate import PartialState
+
 from .config import parse_config
 from .trainer import train
 
@@ -26,7 +28,8 @@ def _run(argv: list[str] | None, description: str, defaults: dict[str, Any]) -> 
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Saved the trained DiffiTPipeline to {output_dir}")
+    if PartialState().is_main_process:
+        print(f"Saved the trained DiffiTPipeline to {output_dir}")
     return 0
 
 

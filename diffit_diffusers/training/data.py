@@ -6,7 +6,7 @@ dataset. Examples are dicts `{"pixel_values": FloatTensor (C, H, W) in [-1, 1], 
 (labels only for class-conditional training).
 
 Images are decoded lazily, so unreadable ones (bytes PIL cannot decode, truncated or missing files) are skipped,
-counted in `skipped_images` and reported through `logging` and an optional callback. [`ResumableLoader`] turns a
+counted in `skipped_images` and reported through `logging` and an optional callback. [`ResumableLoader`][diffit_diffusers.training.ResumableLoader] turns a
 dataset into an infinite stream of batches whose position can be saved and restored exactly.
 """
 
@@ -378,7 +378,7 @@ class _ImageExamples:
 class ImageDataset(_ImageExamples, torch.utils.data.Dataset):
     """Map-style training images: `dataset[i]` is `{"pixel_values": (C, H, W), "class_labels": ()}`.
 
-    The whole dataset is visible to every process (shard it with accelerate or use [`ResumableLoader`]). Random
+    The whole dataset is visible to every process (shard it with accelerate or use [`ResumableLoader`][diffit_diffusers.training.ResumableLoader]). Random
     crops and flips depend only on `(seed, epoch, index)`, so they are reproducible with any number of workers;
     call `set_epoch` at each epoch. An unreadable image is skipped: its index is served by the next readable
     index (wrapping around), so batches stay full; it is counted once in `skipped_images`.
@@ -441,7 +441,7 @@ class StreamingImageDataset(_ImageExamples, torch.utils.data.IterableDataset):
     example, re-reading (not decoding) at most one block.
 
     Iterating yields the rest of the current epoch and then moves to the start of the next one. Track the
-    position with `state_dict()` while iterating in the main process ([`ResumableLoader`] does).
+    position with `state_dict()` while iterating in the main process ([`ResumableLoader`][diffit_diffusers.training.ResumableLoader] does).
     """
 
     def __init__(self, hf_stream: datasets.IterableDataset, *, shuffle_buffer_size: int, **kwargs):
@@ -544,8 +544,8 @@ def load_training_dataset(
 ) -> Union[ImageDataset, StreamingImageDataset]:
     """Loads the training images described by `config` for process `process_index` of `num_processes`.
 
-    Returns an [`ImageDataset`] (map-style, every example visible to every process) or, when `config.streaming`,
-    a [`StreamingImageDataset`] holding this process's share of the stream. `on_unreadable_image(description,
+    Returns an [`ImageDataset`][diffit_diffusers.training.ImageDataset] (map-style, every example visible to every process) or, when `config.streaming`,
+    a [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] holding this process's share of the stream. `on_unreadable_image(description,
     error)` is called for every skipped image, in addition to a `logging` warning.
     """
     if not 0 <= process_index < num_processes:
@@ -591,9 +591,9 @@ def collate_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch
 class ResumableLoader:
     """An endless stream of batches from one process's share of a training dataset, with exact resume.
 
-    For an [`ImageDataset`] each epoch visits a permutation seeded by `(seed, epoch)`, of which process `r` of
+    For an [`ImageDataset`][diffit_diffusers.training.ImageDataset] each epoch visits a permutation seeded by `(seed, epoch)`, of which process `r` of
     `w` takes positions `r, r + w, ...`; the state is the epoch and the position in it. For a
-    [`StreamingImageDataset`] the state is the dataset's own. Batches run across epoch boundaries. Restoring
+    [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] the state is the dataset's own. Batches run across epoch boundaries. Restoring
     `state_dict()` into a loader built the same way yields exactly the batches that would have followed.
 
     The state belongs to one process: with several processes, save and restore each process's state.

@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from ..hub import BackgroundHubUploader, create_model_card
+from ..hub import BackgroundHubUploader, create_model_card, resolve_hub_repo_id
 from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from ..pipelines import DiffiTPipeline
 from ..presets import load_preset_config
@@ -235,7 +235,7 @@ class Trainer:
         self.uploader = None
         if config.push_to_hub and self.accelerator.is_main_process:
             self.uploader = BackgroundHubUploader(
-                config.hub_model_id or self.output_dir.resolve().name,
+                resolve_hub_repo_id(config.hub_model_id or self.output_dir.resolve().name, config.hub_token),
                 token=config.hub_token,
                 private=config.hub_private_repo,
             )
