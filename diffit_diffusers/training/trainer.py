@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, ModelMixin
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -201,7 +201,7 @@ class Trainer:
                 )
             in_channels, sample_size = self.vae.config.latent_channels, config.resolution // downscale
         self.objective = build_objective(config.objective)
-        model = build_denoiser(config, num_classes=dataset.num_classes, in_channels=in_channels, sample_size=sample_size)
+        model = self.build_denoiser(num_classes=dataset.num_classes, in_channels=in_channels, sample_size=sample_size)
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -239,6 +239,12 @@ class Trainer:
                 token=config.hub_token,
                 private=config.hub_private_repo,
             )
+
+    def build_denoiser(self, *, num_classes: int | None, in_channels: int, sample_size: int) -> ModelMixin:
+        """The freshly initialised denoiser, from ``config.model_config`` (see ``build_denoiser``). Override it to
+        train another ``ModelMixin`` that is called as ``model(sample, timestep, class_labels).sample`` and has
+        ``config.num_classes``, ``config.in_channels``, ``config.sample_size`` and a ``null_class_id`` property."""
+        return build_denoiser(self.config, num_classes=num_classes, in_channels=in_channels, sample_size=sample_size)
 
     def _count_unreadable(self, description: str, error: Exception) -> None:
         self.skipped_images += 1
