@@ -31,8 +31,8 @@ docs: install
 	$(VENV)/bin/mkdocs build --strict
 
 bench: install
-	$(PY) benchmarks/bench_attention.py
-	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_attention.py --output benchmarks/results/cpu-attention.json
+	$(PY) benchmarks/bench_models.py --output benchmarks/results/cpu-models.json
 
 clean:
 	rm -rf $(VENV) site outputs

@@ -1,43 +1,102 @@
-"""Benchmark one TMSA layer: SDPA (dispatch) path against the explicit softmax path.
+"""Benchmark TMSA layers: the SDPA (dispatch) path against the explicit softmax path, and the time projection.
 
-Prints one JSON object. Example:
+Prints one JSON object (and writes it to ``--output`` if given). Every timing is a median over interleaved rounds.
 
-    python benchmarks/bench_attention.py --grids 16 32 --widths S B --batch_size 8 --repeats 5
+- ``tmsa_forward``: one TMSA layer of a latent preset's width on a global ``grid x grid`` window, through
+  ``TimeDependentAttnProcessor`` (diffusers' ``dispatch_attention_fn``, i.e. fused SDPA with the bias as a mask) and
+  through ``TimeDependentExplicitAttnProcessor`` (``softmax(QK^T/sqrt(d) + B) V`` written out).
+- ``time_projection``: the per-block time projections ``time_to_qkv(x_t)`` of a whole latent model, as the model
+  runs them (one small matmul per block) against one matmul with every block's weights concatenated, with the
+  concatenation prepared beforehand (the best case for batching) and done per call.
+
+    python benchmarks/bench_attention.py --output benchmarks/results/cpu-attention.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
+import os
+import sys
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from harness import interleaved_median_seconds, machine_info, write_report
 
 from diffit_diffusers import TimeDependentExplicitAttnProcessor, TimeDependentSelfAttention, load_preset_config
 
 
-def preset_width(name: str) -> tuple[int, int]:
-    """(hidden width, heads) of a DiffiT latent preset."""
+#: The SDPA path must beat the explicit path by this factor on this grid side (a global 32x32 window).
+SDPA_SPEEDUP_TARGET = (32, 1.5)
+
+
+def preset_shape(name: str) -> tuple[int, int, int]:
+    """(hidden width, heads, blocks) of the DiffiT latent preset ``DiffiT-{name}/2``."""
     config = load_preset_config(f"DiffiT-{name}/2")
-    return config["num_attention_heads"] * config["attention_head_dim"], config["num_attention_heads"]
+    heads = config["num_attention_heads"]
+    return heads * config["attention_head_dim"], heads, config["num_layers"]
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int, sync) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in interleaved rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+def bench_tmsa_forward(width_name: str, grid: int, args: argparse.Namespace) -> dict[str, Any]:
+    dim, heads, _ = preset_shape(width_name)
+    device, dtype = args.device, args.dtype
+    torch.manual_seed(0)
+    sdpa = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
+    explicit = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
+    explicit.load_state_dict(sdpa.state_dict())
+    explicit.set_processor(TimeDependentExplicitAttnProcessor())
+    x = torch.randn(args.batch_size, grid * grid, dim, device=device, dtype=dtype)
+    t = torch.randn(args.batch_size, dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        max_diff = (sdpa(x, t, grid, grid) - explicit(x, t, grid, grid)).abs().max().item()
+        seconds = interleaved_median_seconds(
+            {"sdpa": lambda: sdpa(x, t, grid, grid), "explicit": lambda: explicit(x, t, grid, grid)},
+            args.repeats,
+            device,
+        )
+    return {
+        "width": f"DiffiT-{width_name}",
+        "dim": dim,
+        "heads": heads,
+        "grid": grid,
+        "sdpa_ms": seconds["sdpa"] * 1e3,
+        "explicit_ms": seconds["explicit"] * 1e3,
+        "sdpa_speedup": seconds["explicit"] / seconds["sdpa"],
+        "max_abs_diff": max_diff,
+    }
+
+
+def bench_time_projection(width_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    dim, _, num_blocks = preset_shape(width_name)
+    device, dtype = args.device, args.dtype
+    torch.manual_seed(0)
+    projections = [torch.nn.Linear(dim, 3 * dim).to(device, dtype) for _ in range(num_blocks)]
+    time_token = torch.randn(args.batch_size, dim, device=device, dtype=dtype)
+    weight = torch.cat([p.weight for p in projections]).detach()
+    bias = torch.cat([p.bias for p in projections]).detach()
+
+    def concatenated_per_call():
+        stacked_weight = torch.cat([p.weight for p in projections])
+        stacked_bias = torch.cat([p.bias for p in projections])
+        return F.linear(time_token, stacked_weight, stacked_bias).split(3 * dim, dim=1)
+
+    with torch.no_grad():
+        seconds = interleaved_median_seconds(
+            {
+                "per_block": lambda: [p(time_token) for p in projections],
+                "one_matmul_prepared": lambda: F.linear(time_token, weight, bias).split(3 * dim, dim=1),
+                "one_matmul_concatenated_per_call": concatenated_per_call,
+            },
+            args.repeats,
+            device,
+        )
+    return {
+        "width": f"DiffiT-{width_name}",
+        "blocks": num_blocks,
+        "matmul_shape_per_block": [args.batch_size, dim, 3 * dim],
+        **{f"{name}_ms": value * 1e3 for name, value in seconds.items()},
+        "prepared_speedup_over_per_block": seconds["per_block"] / seconds["one_matmul_prepared"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -45,57 +104,46 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grids", type=int, nargs="+", default=[16, 32], help="token grid sides (global windows)")
     parser.add_argument("--widths", nargs="+", default=["S", "B"], choices=["S", "B", "L", "XL"])
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (default: 7)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--output", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
+    if min(args.grids) < 1 or args.batch_size < 1 or args.repeats < 1:
+        parser.error("--grids, --batch_size and --repeats must be positive integers.")
+    args.device, args.dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was requested but CUDA is not available; use --device cpu.")
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    results = []
-    for width_name in args.widths:
-        dim, heads = preset_width(width_name)
-        for grid in args.grids:
-            torch.manual_seed(0)
-            sdpa = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
-            explicit = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
-            explicit.load_state_dict(sdpa.state_dict())
-            explicit.set_processor(TimeDependentExplicitAttnProcessor())
-            x = torch.randn(args.batch_size, grid * grid, dim, device=device, dtype=dtype)
-            t = torch.randn(args.batch_size, dim, device=device, dtype=dtype)
-            with torch.inference_mode():
-                max_diff = (sdpa(x, t, grid, grid) - explicit(x, t, grid, grid)).abs().max().item()
-                timings = time_interleaved(
-                    {"sdpa": lambda: sdpa(x, t, grid, grid), "explicit": lambda: explicit(x, t, grid, grid)},
-                    args.repeats,
-                    args.warmup,
-                    sync,
-                )
-            results.append(
-                {
-                    "width": f"DiffiT-{width_name}",
-                    "dim": dim,
-                    "heads": heads,
-                    "grid": grid,
-                    "sdpa_ms": round(timings["sdpa"] * 1e3, 3),
-                    "explicit_ms": round(timings["explicit"] * 1e3, 3),
-                    "sdpa_speedup": round(timings["explicit"] / timings["sdpa"], 3),
-                    "max_abs_diff": max_diff,
-                }
-            )
-    report = {
-        "benchmark": "tmsa_forward",
-        "device": str(device),
-        "dtype": args.dtype,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "results": results,
+    report: dict[str, Any] = {
+        "benchmark": "attention",
+        "machine": machine_info(args.device),
+        "settings": {
+            "device": str(args.device),
+            "dtype": str(args.dtype).removeprefix("torch."),
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "timing": "medians over interleaved rounds",
+        },
     }
-    print(json.dumps(report, indent=2))
+    print("tmsa_forward", file=sys.stderr)
+    report["tmsa_forward"] = [bench_tmsa_forward(w, grid, args) for w in args.widths for grid in args.grids]
+    print("time_projection", file=sys.stderr)
+    report["time_projection"] = [bench_time_projection(w, args) for w in args.widths]
+    grid, limit = SDPA_SPEEDUP_TARGET
+    report["targets"] = [
+        {
+            "target": f"{row['width']} TMSA SDPA speed-up over the explicit path on a {grid}x{grid} grid",
+            "value": row["sdpa_speedup"],
+            "relation": ">=",
+            "limit": limit,
+            "met": row["sdpa_speedup"] >= limit,
+        }
+        for row in report["tmsa_forward"]
+        if row["grid"] == grid
+    ]
+    report["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    write_report(report, args.output)
     return report
 
 

@@ -1,30 +1,50 @@
-"""Size, FLOPs and forward latency of DiffiT models against the diffusers baselines they compete with.
+"""Speed of DiffiT models against the diffusers baselines they compete with, in one process.
 
-Each comparison builds its models (random weights) in this process, counts parameters, counts forward FLOPs with
-``torch.utils.flop_counter`` (multiply and add count as two FLOPs; attention is counted through the math SDPA
-kernel, which the counter sees as matrix products), and times forwards with interleaved repeats, reporting
-medians. The result is one JSON object on stdout; a short summary of the ratios goes to stderr.
+Comparisons (``--comparisons``):
 
-    python benchmarks/bench_models.py --device cuda --batch_size 8 --repeats 20
+- ``latent_s2``, ``latent_b2``: DiffiT-S/2 and DiffiT-B/2 against diffusers' ``DiTTransformer2DModel`` with the same
+  width, depth, heads and patch size, on 32x32 latents (ImageNet-256 through the SD VAE), 1000 classes.
+- ``unet_cifar10_32``: the ``cifar10-32`` DiffiT U-Net against diffusers' ``UNet2DModel`` in the DDPM CIFAR-10 layout,
+  plus a profile of where the DiffiT U-Net's forward spends its time.
+
+For every model: parameters; forward FLOPs (``torch.utils.flop_counter``, multiply and add counted as two FLOPs,
+attention counted through the math SDPA kernel); median forward latency; sampling throughput of a DPM-Solver run
+(latent/pixel space, no VAE decode, no guidance); training-step throughput (forward, MSE loss, backward, AdamW);
+peak working memory of a forward and of a training step; and "MFU", the forward's achieved FLOP/s as a fraction of
+what a ``torch.mm`` of comparable size achieves in the same process and the same timing rounds. Every timing is a
+median over interleaved rounds (see ``harness.py``); the samplers advance in lockstep, one step per model in turn.
+
+    python benchmarks/bench_models.py --output benchmarks/results/cpu-models.json
+    python benchmarks/bench_models.py --device cuda --output benchmarks/results/cuda-models.json  # bf16 + compile
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import contextlib
+import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler, UNet2DModel
+from harness import (
+    interleaved_median_seconds,
+    machine_info,
+    peak_memory_mib,
+    synchronize,
+    write_report,
+)
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffit_diffusers.models.unet_diffit import DiffiTUNet2DModel
+from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel, load_preset_config
 
 
 #: diffusers' ``UNet2DModel`` with the DDPM CIFAR-10 layout (Ho et al. 2020; 35.7M parameters).
@@ -38,64 +58,85 @@ DDPM_CIFAR10_UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 )
 
-ModelCase = tuple[nn.Module, dict[str, Any]]
+#: Where the profiled forward spends its time: an op's self time goes to the category of the nearest op, itself
+#: first and then its ancestors, whose name contains one of the category's patterns. So the copy a reshape makes
+#: (window partition and merge) is told apart from the bias broadcast inside ``addmm`` (a linear layer) and from
+#: ``contiguous`` calls (layout changes, e.g. of convolution weights for channels-last inputs).
+PROFILE_CATEGORIES = {
+    "window partition and merge (reshape copies)": ("aten::reshape",),
+    "layout copies (contiguous calls)": ("aten::contiguous",),
+    "attention (SDPA kernels)": ("scaled_dot_product", "softmax"),
+    "convolutions": ("convolution",),
+    "linear layers (projections, MLPs)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "norms (GroupNorm, LayerNorm)": ("group_norm", "layer_norm"),
+}
+PROFILE_OTHER_CATEGORY = "other (elementwise, activations, concatenation, resampling, embeddings)"
+
+METRIC_NOTES = {
+    "forward_ms_median": "median wall time of one no-grad forward of the whole batch",
+    "forward_gflops": "FLOPs of one forward (multiply and add = 2 FLOPs), counted in float32 eager mode",
+    "mfu": "forward GFLOP/s divided by the GFLOP/s of `mm_reference` timed in the same rounds",
+    "sampling_images_per_s": "batch / wall time of a full DPM-Solver run (no VAE decode, no guidance)",
+    "training_images_per_s": "batch / median time of forward + MSE loss + backward + AdamW step",
+    "peak_memory_forward_mib": "peak memory a no-grad forward allocates on top of weights and inputs",
+    "peak_memory_training_mib": "peak memory a training step allocates on top of weights, inputs and AdamW state",
+}
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+@dataclass
+class ModelCase:
+    """One contestant: a model, its forward keyword arguments and how its output is read."""
+
+    model: nn.Module
+    inputs: dict[str, Any]
+    sample_argument: str  # forward argument holding the noisy sample
+    prediction_channels: int  # leading output channels that predict the noise
 
 
-@torch.no_grad()
-def count_forward_flops(model: nn.Module, inputs: dict[str, Any]) -> int:
-    """FLOPs of one forward pass on ``inputs``."""
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(**inputs)
-    return counter.get_total_flops()
+@dataclass
+class ComparisonSetup:
+    cases: dict[str, ModelCase]
+    reference: str
+    mm_shape: tuple[int, int, int]  # (M, K, N) of the reference matrix product
+    profile: str | None = None  # case whose forward is profiled
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def median_forward_seconds(cases: dict[str, ModelCase], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median forward time of each model, timing the models in turn within every repeat (after one warm-up)."""
-    seconds = {name: [] for name in cases}
-    for repeat in range(repeats + 1):
-        for name, (model, inputs) in cases.items():
-            synchronize(device)
-            start = time.perf_counter()
-            model(**inputs)
-            synchronize(device)
-            if repeat > 0:
-                seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in seconds.items()}
-
-
-def compare(
-    cases: dict[str, ModelCase], reference: str, device: torch.device, repeats: int
-) -> dict[str, Any]:
-    """Measure every case and express each one relative to ``reference`` (value / reference value)."""
-    latency = median_forward_seconds(cases, device, repeats)
-    models = {
-        name: {
-            "class": type(model).__name__,
-            "parameters": count_parameters(model),
-            "forward_gflops": count_forward_flops(model, inputs) / 1e9,
-            "forward_ms_median": latency[name] * 1e3,
-        }
-        for name, (model, inputs) in cases.items()
+def latent_comparison(width: str, device: torch.device, batch_size: int) -> ComparisonSetup:
+    """``DiffiT-{width}/2`` against a DiT with the same width, depth, heads and patch size."""
+    config = load_preset_config(f"DiffiT-{width}/2")
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    torch.manual_seed(0)
+    diffit = DiffiTTransformer2DModel.from_preset(f"DiffiT-{width}/2").to(device).eval()
+    dit = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=config["in_channels"],
+        out_channels=2 * config["in_channels"],
+        num_layers=config["num_layers"],
+        sample_size=config["sample_size"],
+        patch_size=config["patch_size"],
+        num_embeds_ada_norm=config["num_classes"],
+    ).to(device).eval()
+    size, channels = config["sample_size"], config["in_channels"]
+    inputs = {
+        "hidden_states": torch.randn(batch_size, channels, size, size, device=device),
+        "timestep": torch.randint(0, 1000, (batch_size,), device=device),
+        "class_labels": torch.randint(0, config["num_classes"], (batch_size,), device=device),
     }
-    ratios = {
-        name: {key: row[key] / models[reference][key] for key in ("parameters", "forward_gflops", "forward_ms_median")}
-        for name, row in models.items()
-        if name != reference
-    }
-    return {"reference": reference, "models": models, f"ratio_to_{reference}": ratios}
+    suffix = f"{width.lower()}{config['patch_size']}"
+    tokens = (size // config["patch_size"]) ** 2
+    width_channels = heads * head_dim
+    return ComparisonSetup(
+        cases={
+            f"diffit_{suffix}": ModelCase(diffit, inputs, "hidden_states", channels),
+            f"dit_{suffix}": ModelCase(dit, inputs, "hidden_states", channels),
+        },
+        reference=f"dit_{suffix}",
+        mm_shape=(batch_size * tokens, width_channels, int(config["mlp_ratio"] * width_channels)),
+    )
 
 
-def compare_cifar10_unets(device: torch.device, batch_size: int, repeats: int) -> dict[str, Any]:
+def unet_comparison(device: torch.device, batch_size: int) -> ComparisonSetup:
     """The ``cifar10-32`` DiffiT U-Net against diffusers' ``UNet2DModel`` in the DDPM CIFAR-10 layout, at 32x32."""
     torch.manual_seed(0)
     diffit = DiffiTUNet2DModel.from_preset("cifar10-32").to(device).eval()
@@ -104,18 +145,260 @@ def compare_cifar10_unets(device: torch.device, batch_size: int, repeats: int) -
         "sample": torch.randn(batch_size, 3, 32, 32, device=device),
         "timestep": torch.randint(0, 1000, (batch_size,), device=device),
     }
-    result = compare(
-        {"diffit_unet_cifar10_32": (diffit, inputs), "ddpm_unet2d_cifar10": (ddpm, inputs)},
+    config = diffit.config
+    stem = config.block_out_channels[0]
+    return ComparisonSetup(
+        cases={
+            "diffit_unet_cifar10_32": ModelCase(diffit, inputs, "sample", 3),
+            "ddpm_unet2d_cifar10": ModelCase(ddpm, inputs, "sample", 3),
+        },
         reference="ddpm_unet2d_cifar10",
-        device=device,
-        repeats=repeats,
+        mm_shape=(batch_size * 32 * 32, stem, int(config.mlp_ratio * stem)),
+        profile="diffit_unet_cifar10_32",
     )
-    return {"input_shape": list(inputs["sample"].shape), **result}
 
 
-COMPARISONS: dict[str, Callable[[torch.device, int, int], dict[str, Any]]] = {
-    "unet_cifar10_32": compare_cifar10_unets,
+COMPARISONS: dict[str, Callable[[torch.device, int], ComparisonSetup]] = {
+    "latent_s2": lambda device, batch_size: latent_comparison("S", device, batch_size),
+    "latent_b2": lambda device, batch_size: latent_comparison("B", device, batch_size),
+    "unet_cifar10_32": unet_comparison,
 }
+
+
+@dataclass
+class RunSettings:
+    device: torch.device
+    dtype: torch.dtype
+    compile_backend: str | None
+    repeats: int
+    training_repeats: int
+    sampling_steps: int
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for everything timed, unless running in float32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def case_batch_size(case: ModelCase) -> int:
+    return case.inputs[case.sample_argument].shape[0]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_forward_flops(model: nn.Module, inputs: dict[str, Any]) -> int:
+    """FLOPs of one float32 forward pass on ``inputs``."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+def forward_fn(model: Callable, case: ModelCase, settings: RunSettings) -> Callable[[], Any]:
+    def forward():
+        with torch.no_grad(), settings.autocast():
+            return model(**case.inputs)
+
+    return forward
+
+
+def training_step_fn(model: Callable, case: ModelCase, settings: RunSettings) -> Callable[[], None]:
+    """One optimisation step: forward, MSE against a fixed noise target, backward, AdamW."""
+    optimizer = torch.optim.AdamW(case.model.parameters(), lr=1e-4)
+    target = torch.randn_like(case.inputs[case.sample_argument])
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with settings.autocast():
+            prediction = model(**case.inputs).sample[:, : case.prediction_channels]
+        F.mse_loss(prediction.float(), target).backward()
+        optimizer.step()
+
+    return step
+
+
+@torch.no_grad()
+def lockstep_sampling_seconds(
+    models: dict[str, Callable], cases: dict[str, ModelCase], settings: RunSettings
+) -> dict[str, float]:
+    """Wall time of a full DPM-Solver run per model; the runs advance one step per model in turn."""
+    runs = {}
+    for name, case in cases.items():
+        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000)
+        scheduler.set_timesteps(settings.sampling_steps, device=settings.device)
+        latents = torch.randn_like(case.inputs[case.sample_argument]) * scheduler.init_noise_sigma
+        runs[name] = {"scheduler": scheduler, "latents": latents, "seconds": 0.0}
+    for step_index in range(settings.sampling_steps):
+        for name, case in cases.items():
+            run = runs[name]
+            scheduler = run["scheduler"]
+            t = scheduler.timesteps[step_index]
+            synchronize(settings.device)
+            start = time.perf_counter()
+            model_input = scheduler.scale_model_input(run["latents"], t)
+            inputs = {
+                **case.inputs,
+                case.sample_argument: model_input,
+                "timestep": t.expand(model_input.shape[0]),
+            }
+            with settings.autocast():
+                output = models[name](**inputs).sample[:, : case.prediction_channels]
+            run["latents"] = scheduler.step(output.to(model_input.dtype), t, run["latents"]).prev_sample
+            synchronize(settings.device)
+            run["seconds"] += time.perf_counter() - start
+    return {name: run["seconds"] for name, run in runs.items()}
+
+
+def profile_forward(model: nn.Module, case: ModelCase, settings: RunSettings) -> dict[str, Any]:
+    """Share of one eager forward's op time per category (see ``PROFILE_CATEGORIES``)."""
+    forward = forward_fn(model, case, settings)
+    forward()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if settings.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        forward()
+        synchronize(settings.device)
+    use_device_time = settings.device.type == "cuda"
+    totals = dict.fromkeys([*PROFILE_CATEGORIES, PROFILE_OTHER_CATEGORY], 0.0)
+    per_op: dict[str, float] = {}
+    for event in prof.events():
+        self_us = event.self_device_time_total if use_device_time else event.self_cpu_time_total
+        if self_us <= 0:
+            continue
+        totals[profile_category(event)] += self_us
+        per_op[event.name] = per_op.get(event.name, 0.0) + self_us
+    total = sum(totals.values())
+    top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
+    return {
+        "clock": "device" if use_device_time else "cpu",
+        "total_ms": total / 1e3,
+        "categories": {name: {"ms": us / 1e3, "share": us / total} for name, us in totals.items()},
+        "top_ops": {name: {"ms": us / 1e3, "share": us / total} for name, us in top_ops},
+    }
+
+
+def profile_category(event) -> str:
+    while event is not None:
+        for category, patterns in PROFILE_CATEGORIES.items():
+            if any(pattern in event.name for pattern in patterns):
+                return category
+        event = event.cpu_parent
+    return PROFILE_OTHER_CATEGORY
+
+
+def run_comparison(setup: ComparisonSetup, settings: RunSettings) -> dict[str, Any]:
+    """Measure every case of ``setup`` and express each one relative to the reference case."""
+    device, cases = settings.device, setup.cases
+    models = {
+        name: torch.compile(case.model, backend=settings.compile_backend) if settings.compile_backend else case.model
+        for name, case in cases.items()
+    }
+    m, k, n = setup.mm_shape
+    mm_a = torch.randn(m, k, device=device)
+    mm_b = torch.randn(k, n, device=device)
+
+    def reference_mm():
+        with settings.autocast():
+            return torch.mm(mm_a, mm_b)
+
+    rows = {
+        name: {
+            "class": type(case.model).__name__,
+            "parameters": count_parameters(case.model),
+            "forward_gflops": count_forward_flops(case.model, case.inputs) / 1e9,
+        }
+        for name, case in cases.items()
+    }
+    # Off CUDA, memory is tracked op by op, which needs eager mode; CUDA allocator statistics also see compiled graphs.
+    track_timed_models = device.type == "cuda" or settings.compile_backend is None
+
+    print(f"  forward latency ({settings.repeats} interleaved rounds)", file=sys.stderr)
+    forward_fns = {name: forward_fn(models[name], case, settings) for name, case in cases.items()}
+    seconds = interleaved_median_seconds({**forward_fns, "torch.mm": reference_mm}, settings.repeats, device)
+    mm_gflops_per_s = 2 * m * k * n / seconds["torch.mm"] / 1e9
+    for name, row in rows.items():
+        row["forward_ms_median"] = seconds[name] * 1e3
+        row["forward_gflops_per_s"] = row["forward_gflops"] / seconds[name]
+        row["mfu"] = row["forward_gflops_per_s"] / mm_gflops_per_s
+        forward = forward_fns[name] if track_timed_models else forward_fn(cases[name].model, cases[name], settings)
+        row["peak_memory_forward_mib"] = peak_memory_mib(forward, device)
+
+    print(f"  sampling ({settings.sampling_steps} DPM-Solver steps, lockstep)", file=sys.stderr)
+    sampling = lockstep_sampling_seconds(models, cases, settings)
+    for name, row in rows.items():
+        row["sampling_s"] = sampling[name]
+        row["sampling_images_per_s"] = case_batch_size(cases[name]) / sampling[name]
+
+    print(f"  training steps ({settings.training_repeats} interleaved rounds)", file=sys.stderr)
+    for case in cases.values():
+        case.model.train()
+    training_fns = {name: training_step_fn(models[name], case, settings) for name, case in cases.items()}
+    training = interleaved_median_seconds(training_fns, settings.training_repeats, device)
+    for name, row in rows.items():
+        row["training_step_ms_median"] = training[name] * 1e3
+        row["training_images_per_s"] = case_batch_size(cases[name]) / training[name]
+        step = training_fns[name]
+        if not track_timed_models:
+            step = training_step_fn(cases[name].model, cases[name], settings)
+            step()  # create its AdamW state outside the measured step, as for the timed steps
+        row["peak_memory_training_mib"] = peak_memory_mib(step, device)
+    for case in cases.values():
+        case.model.eval()
+
+    compared = (
+        "parameters",
+        "forward_gflops",
+        "forward_ms_median",
+        "mfu",
+        "sampling_images_per_s",
+        "training_images_per_s",
+        "peak_memory_forward_mib",
+        "peak_memory_training_mib",
+    )
+    reference = rows[setup.reference]
+    first_case = next(iter(cases.values()))
+    result = {
+        "input_shape": list(first_case.inputs[first_case.sample_argument].shape),
+        "reference": setup.reference,
+        "mm_reference": {
+            "shape_mkn": [m, k, n],
+            "ms_median": seconds["torch.mm"] * 1e3,
+            "gflops_per_s": mm_gflops_per_s,
+        },
+        "models": rows,
+        f"ratio_to_{setup.reference}": {
+            name: {key: row[key] / reference[key] for key in compared}
+            for name, row in rows.items()
+            if name != setup.reference
+        },
+    }
+    if setup.profile is not None:
+        print(f"  profiling {setup.profile}", file=sys.stderr)
+        result["profile"] = {setup.profile: profile_forward(cases[setup.profile].model, cases[setup.profile], settings)}
+    return result
+
+
+def evaluate_targets(comparisons: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The speed targets this project set itself, checked against the measurements that ran."""
+    targets = []
+    for comparison, model in (("latent_s2", "diffit_s2"), ("latent_b2", "diffit_b2")):
+        if comparison not in comparisons:
+            continue
+        result = comparisons[comparison]
+        ratios = result[f"ratio_to_{result['reference']}"][model]
+        targets.append(target(f"{model} forward latency / DiT's", ratios["forward_ms_median"], "<=", 1.0))
+        targets.append(target(f"{model} parameters / DiT's", ratios["parameters"], "<=", 0.84))
+    if "latent_b2" in comparisons:
+        mfu = comparisons["latent_b2"]["models"]["diffit_b2"]["mfu"]
+        targets.append(target("diffit_b2 forward MFU (share of same-process torch.mm FLOP/s)", mfu, ">=", 0.6))
+    return targets
+
+
+def target(name: str, value: float, relation: str, limit: float) -> dict[str, Any]:
+    met = value <= limit if relation == "<=" else value >= limit
+    return {"target": name, "value": value, "relation": relation, "limit": limit, "met": met}
 
 
 def positive_int(text: str) -> int:
@@ -125,6 +408,9 @@ def positive_int(text: str) -> int:
     return value
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -132,15 +418,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device to run on (default: cuda if available, else cpu)",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="autocast dtype for everything timed; auto = bfloat16 on CUDA, float32 elsewhere",
+    )
+    parser.add_argument(
+        "--compile_backend",
+        default="auto",
+        help="torch.compile backend for the timed models, or 'none'; auto = inductor on CUDA, none elsewhere",
+    )
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per forward (default: 8)")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed forwards per model (default: 10)")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="interleaved forward rounds (default: 7)")
+    parser.add_argument(
+        "--training_repeats", type=positive_int, default=5, help="interleaved training-step rounds (default: 5)"
+    )
+    parser.add_argument(
+        "--sampling_steps", type=positive_int, default=50, help="DPM-Solver steps per sampling run (default: 50)"
+    )
     parser.add_argument(
         "--comparisons",
         nargs="+",
-        choices=sorted(COMPARISONS),
-        default=sorted(COMPARISONS),
+        choices=list(COMPARISONS),
+        default=list(COMPARISONS),
         help="which comparisons to run (default: all)",
     )
+    parser.add_argument("--output", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -148,25 +452,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device: {error}")
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available; use --device cpu.")
+    on_cuda = args.device.type == "cuda"
+    args.dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if on_cuda else torch.float32)
+    if args.compile_backend == "auto":
+        args.compile_backend = "inductor" if on_cuda else None
+    elif args.compile_backend == "none":
+        args.compile_backend = None
+    elif args.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        parser.error(
+            f"--compile_backend {args.compile_backend!r} is not a torch.compile backend; use 'none', 'auto' or one "
+            f"of {', '.join(torch.compiler.list_backends(exclude_tags=()))}."
+        )
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    settings = RunSettings(
+        device=args.device,
+        dtype=args.dtype,
+        compile_backend=args.compile_backend,
+        repeats=args.repeats,
+        training_repeats=args.training_repeats,
+        sampling_steps=args.sampling_steps,
+    )
     report = {
-        "device": torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else str(args.device),
-        "torch": torch.__version__,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "comparisons": {
-            name: COMPARISONS[name](args.device, args.batch_size, args.repeats) for name in args.comparisons
+        "benchmark": "models",
+        "machine": machine_info(args.device),
+        "settings": {
+            "device": str(args.device),
+            "dtype": str(args.dtype).removeprefix("torch."),
+            "compile_backend": args.compile_backend,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "training_repeats": args.training_repeats,
+            "sampling_steps": args.sampling_steps,
+            "timing": "medians over interleaved rounds; sampling runs in lockstep",
         },
+        "metrics": METRIC_NOTES,
+        "comparisons": {},
     }
-    print(json.dumps(report, indent=2))
+    for name in args.comparisons:
+        print(f"{name}:", file=sys.stderr)
+        setup = COMPARISONS[name](args.device, args.batch_size)
+        report["comparisons"][name] = run_comparison(setup, settings)
+        del setup
+    report["targets"] = evaluate_targets(report["comparisons"])
+    report["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    write_report(report, args.output)
     for name, result in report["comparisons"].items():
         for model, ratios in result[f"ratio_to_{result['reference']}"].items():
             summary = ", ".join(f"{key} x{value:.2f}" for key, value in ratios.items())
             print(f"{name}: {model} / {result['reference']}: {summary}", file=sys.stderr)
+    for row in report["targets"]:
+        print(f"target {row['target']} {row['relation']} {row['limit']}: {row['value']:.3f} met={row['met']}",
+              file=sys.stderr)
     return report
 
 

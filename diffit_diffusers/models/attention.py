@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,14 @@ def window_layout(batch_size: int, height: int, width: int, window_size: int, pa
     return WindowLayout(batch_size, height, width, padded_height, padded_width, window_size)
 
 
+class _PositionBiasCache(NamedTuple):
+    """An attention mask built from a snapshot of the bias table, reused while the table still equals the snapshot."""
+
+    table: torch.Tensor
+    dtype: torch.dtype
+    bias: torch.Tensor
+
+
 class TimeDependentAttnProcessor:
     """Default TMSA processor: scaled dot-product attention through ``diffusers``' ``dispatch_attention_fn``.
 
@@ -222,14 +231,51 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self._position_bias_cache: _PositionBiasCache | None = None
 
         self.set_processor(processor if processor is not None else self._default_processor_cls())
 
     def relative_position_bias(self) -> torch.Tensor:
-        """The bias ``B`` of Eq. 6 for one window, shape ``(heads, w*w, w*w)``."""
+        """The bias ``B`` of Eq. 6 for one window, shape ``(heads, w*w, w*w)``, contiguous.
+
+        One gather from the ``((2w-1)^2, heads)`` table serves every head and every window.
+        """
         n = self.window_size**2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(n, n, self.heads).permute(2, 0, 1)
+        table = self.relative_position_bias_table.t()  # (heads, (2w-1)^2)
+        return table[:, self.relative_position_index.view(-1)].view(self.heads, n, n)
+
+    def _can_cache_position_bias(self) -> bool:
+        """Whether ``attention_bias`` may reuse a cached bias: inference on CPU, for a bias no larger than ``to_qkv``.
+
+        Training and any forward that records gradients rebuild the bias so that gradients reach the table; under
+        ``torch.compile`` the compiler handles the gather itself. The cache is CPU-only because checking that the
+        table is unchanged reads it back, which on an accelerator would stall the stream to save a microsecond gather.
+        The bias may be at most as large as the ``to_qkv`` weight, so caching adds at most a fifth to a block's memory
+        (large global windows such as DiffiT-XL/2-512's 32x32 token grid rebuild it every forward instead).
+        """
+        if torch.compiler.is_compiling() or self.training or torch.is_grad_enabled():
+            return False
+        table = self.relative_position_bias_table
+        bias_numel = self.heads * self.relative_position_index.numel()
+        return table.device.type == "cpu" and bias_numel <= self.to_qkv.weight.numel()
+
+    def _position_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """``relative_position_bias()`` as a ``(1, heads, N, N)`` mask in ``dtype``, cached where allowed.
+
+        The cache holds a copy of the table it was built from and is used only while the table still equals that copy,
+        so any change of the weights (``load_state_dict``, optimiser steps, writes through ``.data`` as in EMA swaps,
+        ``.to()``) rebuilds the bias.
+        """
+        if not self._can_cache_position_bias():
+            return self.relative_position_bias().to(dtype).unsqueeze(0)
+        table, cache = self.relative_position_bias_table, self._position_bias_cache
+        if cache is not None and cache.dtype == dtype and cache.table.dtype == table.dtype and torch.equal(
+            cache.table, table
+        ):
+            return cache.bias
+        bias = self.relative_position_bias().to(dtype).unsqueeze(0)
+        self._position_bias_cache = _PositionBiasCache(table.detach().clone(), dtype, bias)
+        return bias
 
     def attention_bias(self, layout: WindowLayout, dtype: torch.dtype) -> torch.Tensor:
         """Additive attention mask: the position bias, plus ``-inf`` on padded keys when the grid was padded.
@@ -237,7 +283,7 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         Returns:
             ``(1, heads, N, N)`` without padding, else ``(B * num_windows, heads, N, N)``.
         """
-        bias = self.relative_position_bias().to(dtype).unsqueeze(0)
+        bias = self._position_bias(dtype)
         if not layout.is_padded:
             return bias
         valid = torch.ones(1, layout.height * layout.width, 1, device=bias.device)
@@ -272,8 +318,9 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
             )
         layout = window_layout(batch_size, height, width, self.window_size, self.pad_to_window)
         windows = window_partition(hidden_states, layout)
-        qkv = self.to_qkv(windows).view(batch_size, -1, 3 * self.dim)
-        qkv = qkv + self.time_to_qkv(time_token).unsqueeze(1)
+        # The time term is shared by all tokens of an image: add it in place rather than making a second full tensor.
+        qkv = self.to_qkv(windows.view(batch_size, -1, channels))
+        qkv = qkv.add_(self.time_to_qkv(time_token).unsqueeze(1))
         qkv = qkv.view(batch_size * layout.windows_per_image, -1, 3, self.heads, self.head_dim)
         query, key, value = qkv.unbind(dim=2)
         return query, key, value, layout

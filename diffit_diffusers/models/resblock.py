@@ -80,7 +80,11 @@ class DiffiTResBlock(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor, time_token: torch.Tensor) -> torch.Tensor:
-        """``hidden_states`` ``(B, C_in, H, W)``, ``time_token`` ``(B, D_t)`` -> ``(B, C_out, H, W)``."""
+        """``hidden_states`` ``(B, C_in, H, W)``, ``time_token`` ``(B, D_t)`` -> ``(B, C_out, H, W)``.
+
+        Any memory format works; with channels-last maps (as the U-Net passes them) the switches between the map and
+        its ``(B, H*W, C)`` tokens are views, so the Transformer block gets contiguous tokens without a copy.
+        """
         height, width = hidden_states.shape[-2:]
         residual = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
         features = self.conv(self.act(self.norm(hidden_states)))  # Eq. 9

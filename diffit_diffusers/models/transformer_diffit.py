@@ -169,7 +169,8 @@ class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, Pr
         timestep = broadcast_timestep(timestep, batch_size, hidden_states.device)
         time_token = self.time_embedding(timestep, class_labels, dtype=hidden_states.dtype)
 
-        hidden_states = self.pos_embed(hidden_states)
+        # The patch embedding returns channel-strided tokens; one copy here spares every LayerNorm below a copy.
+        hidden_states = self.pos_embed(hidden_states).contiguous()
         grid = self.grid_size
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

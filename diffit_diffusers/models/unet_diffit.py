@@ -122,6 +122,15 @@ class DiffiTUpBlock2D(DiffiTResBlockStack):
         return hidden_states
 
 
+def _channels_last_copy(images: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` ``images`` laid out channels-last.
+
+    Unlike ``.contiguous(memory_format=torch.channels_last)``, this also gives single-channel images channels-last
+    strides (their NCHW strides count as channels-last too, but convolutions would then keep NCHW).
+    """
+    return torch.empty_like(images, memory_format=torch.channels_last).copy_(images)
+
+
 def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: int) -> list[int]:
     values = [value] * num_stages if isinstance(value, int) else list(value)
     if len(values) != num_stages or any(not isinstance(v, int) or v < 1 for v in values):
@@ -326,7 +335,9 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
         timestep = broadcast_timestep(timestep, batch_size, sample.device)
         time_token = self.time_embedding(timestep, class_labels, dtype=sample.dtype)
 
-        hidden_states = self.conv_in(sample)
+        # Channels-last feature maps make every ResBlock's (B, C, H, W) <-> (B, H*W, C) token view a free reshape;
+        # convolutions, norms, resampling and concatenation keep the format from the input on.
+        hidden_states = self.conv_in(_channels_last_copy(sample))
         skips = [hidden_states]
         for down_block in self.down_blocks:
             hidden_states, block_skips = down_block(hidden_states, time_token)
@@ -334,7 +345,7 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
         hidden_states = self.mid_block(hidden_states, time_token)
         for up_block in self.up_blocks:
             hidden_states = up_block(hidden_states, skips, time_token)
-        output = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states)))
+        output = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states))).contiguous()
 
         if not return_dict:
             return (output,)

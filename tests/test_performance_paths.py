@@ -1,0 +1,282 @@
+"""The fast paths: the cached position bias and its invalidation, the in-place time term, layouts that keep the
+transformer blocks free of copies, torch.compile(fullgraph=True) and mixed precision."""
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from torch import nn
+
+from diffit_diffusers import (
+    DiffiTPipeline,
+    DiffiTTransformer2DModel,
+    DiffiTUNet2DModel,
+    TimeDependentExplicitAttnProcessor,
+    TimeDependentSelfAttention,
+)
+from diffit_diffusers.models.attention import window_layout
+from diffit_diffusers.models.resblock import DiffiTResBlock
+from diffit_diffusers.models.transformer_block import DiffiTTransformerBlock
+
+
+def attention(window_size=4, dim=16, heads=2, time_dim=8, seed=0):
+    torch.manual_seed(seed)
+    attn = TimeDependentSelfAttention(dim, time_dim, heads, window_size)
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    return attn.eval()
+
+
+def latent_model(seed=0, **overrides):
+    config = dict(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        num_classes=10,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = DiffiTTransformer2DModel(**config)
+    with torch.no_grad():  # the released init zeroes the output layer; make every weight matter
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def unet_model(seed=0):
+    torch.manual_seed(seed)
+    model = DiffiTUNet2DModel.from_preset("tiny")
+    nn.init.normal_(model.conv_out.weight, std=0.05)
+    return model.eval()
+
+
+def latent_inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([3.0, 500.0]), torch.tensor([1, 10])
+
+
+def unet_inputs():
+    generator = torch.Generator().manual_seed(2)
+    return torch.randn(2, 1, 16, 16, generator=generator), torch.tensor([10.0, 400.0]), torch.tensor([1, 10])
+
+
+def uncached_reference(attn, x, t, size):
+    """The layer's output with the bias rebuilt from the table (training mode never caches)."""
+    attn.train()
+    try:
+        with torch.no_grad():
+            return attn(x, t, size, size)
+    finally:
+        attn.eval()
+
+
+# --- Relative position bias cache ---------------------------------------------------------------------------------
+
+
+def test_bias_is_gathered_contiguous_per_head():
+    attn = attention()
+    bias = attn.relative_position_bias()
+    assert bias.shape == (2, 16, 16) and bias.is_contiguous()
+    table, index = attn.relative_position_bias_table, attn.relative_position_index
+    for head in range(2):
+        torch.testing.assert_close(bias[head], table[index, head], rtol=0, atol=0)
+
+
+def test_inference_reuses_the_bias_until_the_table_changes():
+    attn = attention()
+    layout = window_layout(1, 8, 8, 4, pad=False)
+    with torch.no_grad():
+        first = attn.attention_bias(layout, torch.float32)
+        assert attn.attention_bias(layout, torch.float32) is first
+        half = attn.attention_bias(layout, torch.bfloat16)
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.float(), first, atol=1e-2, rtol=1e-2)
+        attn.relative_position_bias_table[0, 0] += 1.0
+        rebuilt = attn.attention_bias(layout, torch.float32)
+    assert rebuilt is not first
+    torch.testing.assert_close(rebuilt[0], attn.relative_position_bias())
+
+
+@pytest.mark.parametrize("change", ["in_place", "through_data", "load_state_dict"])
+def test_changed_weights_change_the_cached_output(change):
+    attn, donor = attention(seed=0), attention(seed=1)
+    x, t = torch.randn(2, 64, 16), torch.randn(2, 8)
+    with torch.no_grad():
+        before = attn(x, t, 8, 8)
+        assert attn._position_bias_cache is not None
+        table = attn.relative_position_bias_table
+        if change == "in_place":
+            table.mul_(-1.0)
+        elif change == "through_data":  # how EMA swaps weights: invisible to the version counter
+            table.data.copy_(donor.relative_position_bias_table.data)
+        else:
+            attn.load_state_dict(donor.state_dict())
+        after = attn(x, t, 8, 8)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, uncached_reference(attn, x, t, 8), rtol=0, atol=0)
+
+
+def test_training_and_gradient_forwards_do_not_cache_and_reach_the_table():
+    attn = attention()
+    x, t = torch.randn(2, 64, 16), torch.randn(2, 8)
+    for mode in ("train", "eval"):
+        getattr(attn, mode)()
+        for _ in range(2):  # a cached, already back-propagated bias would fail the second backward
+            attn.relative_position_bias_table.grad = None
+            attn(x, t, 8, 8).square().sum().backward()
+            assert attn.relative_position_bias_table.grad.abs().sum() > 0
+    assert attn._position_bias_cache is None
+
+
+def test_bias_larger_than_the_qkv_weight_is_not_cached():
+    # 16x16 global window: bias 2 * 256^2 = 131072 values, to_qkv weight 48 * 16 = 768.
+    attn = attention(window_size=16)
+    with torch.no_grad():
+        attn(torch.randn(1, 256, 16), torch.randn(1, 8), 16, 16)
+    assert attn._position_bias_cache is None
+
+
+def test_cached_model_matches_explicit_processor_after_weight_updates():
+    model = latent_model()
+    x, t, y = latent_inputs()
+    with torch.no_grad():
+        model(x, t, y)  # fills the caches
+        for block in model.transformer_blocks:
+            block.attn.relative_position_bias_table.data.normal_()
+        cached = model(x, t, y).sample
+        model.set_attn_processor(TimeDependentExplicitAttnProcessor())
+        explicit = model(x, t, y).sample
+    torch.testing.assert_close(cached, explicit, atol=1e-5, rtol=1e-5)
+
+
+# --- Time term added in place ----------------------------------------------------------------------------------------
+
+
+def test_in_place_time_term_keeps_gradients_exact():
+    attn = attention(window_size=2)
+    attn.train()
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    t = torch.randn(2, 8, requires_grad=True)
+    query, key, value, _ = attn.project_qkv(x, t, 4, 4)
+    (query.sum() + 2 * key.sum() + 3 * value.sum()).backward()
+    # d/dx of sum_j c_j (x W_j^T + b_j + t U_j^T + u_j) = sum_j c_j * (column sums of W_j), same for t with U_j.
+    weights = torch.tensor([1.0, 2.0, 3.0]).repeat_interleave(16)
+    expected_x = (weights[:, None] * attn.to_qkv.weight).sum(0).expand(2, 16, 16)
+    # Each image's time token reaches all 16 of its tokens.
+    expected_t = 16 * (weights[:, None] * attn.time_to_qkv.weight).sum(0).expand(2, 8)
+    torch.testing.assert_close(x.grad, expected_x)
+    torch.testing.assert_close(t.grad, expected_t)
+
+
+# --- Layouts ---------------------------------------------------------------------------------------------------------
+
+
+def record_norm1_inputs(model):
+    """Collect the tokens every Transformer block's first LayerNorm receives."""
+    inputs = []
+    for module in model.modules():
+        if isinstance(module, DiffiTTransformerBlock):
+            module.norm1.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    return inputs
+
+
+@pytest.mark.parametrize("build, inputs", [(latent_model, latent_inputs), (unet_model, unet_inputs)])
+def test_transformer_blocks_receive_contiguous_tokens(build, inputs):
+    model = build()
+    seen = record_norm1_inputs(model)
+    with torch.no_grad():
+        output = model(*inputs()).sample
+    assert seen and all(tokens.is_contiguous() for tokens in seen), "a LayerNorm would copy its input"
+    assert output.is_contiguous()
+
+
+def test_resblock_output_does_not_depend_on_memory_format():
+    torch.manual_seed(0)
+    block = DiffiTResBlock(32, 64, time_embed_dim=16, num_attention_heads=2, window_size=4, norm_num_groups=8).eval()
+    x, t = torch.randn(2, 32, 8, 12), torch.randn(2, 16)
+    with torch.no_grad():
+        standard = block(x, t)
+        channels_last = block(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(channels_last, standard, atol=1e-5, rtol=1e-5)
+
+
+def test_unet_with_channels_last_weights_matches():
+    model = unet_model()
+    inputs = unet_inputs()
+    with torch.no_grad():
+        expected = model(*inputs).sample
+        model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(*inputs).sample, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- torch.compile(fullgraph=True) -----------------------------------------------------------------------------------
+
+
+# "aot_eager" finds graph breaks in seconds; a cold inductor compile on two CPU cores takes about a minute.
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_latent_model_compiles_fullgraph(backend):
+    model = latent_model()
+    x, t, y = latent_inputs()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y).sample, model(x, t, y).sample, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_model_compiles_fullgraph_for_training():
+    model = latent_model().train()
+    model.time_embedding.class_embedder.dropout_prob = 0.0  # deterministic labels for the comparison
+    x, t, y = latent_inputs()
+
+    def gradients(fn):
+        model.zero_grad()
+        fn(x, t, y).sample.square().mean().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    compiled = gradients(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(compiled[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0])
+def test_pipeline_denoising_step_compiles_fullgraph(guidance_scale):
+    def pipeline():
+        scheduler = DPMSolverMultistepScheduler()
+        pipe = DiffiTPipeline(denoiser=latent_model(), scheduler=scheduler, default_guided_channels=None)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def sample(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(
+            class_labels=[1, 3], num_inference_steps=2, guidance_scale=guidance_scale, generator=generator,
+            output_type="latent",
+        ).images
+
+    eager, compiled = pipeline(), pipeline()
+    compiled.denoiser = torch.compile(compiled.denoiser, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(sample(compiled), sample(eager), atol=1e-4, rtol=1e-4)
+
+
+# --- Mixed precision -------------------------------------------------------------------------------------------------
+
+
+def relative_error(output, reference):
+    return ((output.float() - reference).norm() / reference.norm()).item()
+
+
+# bfloat16 keeps 8 mantissa bits (about 0.4% per rounding), float16 keeps 11.
+AUTOCAST_TOLERANCE = {torch.bfloat16: 0.03, torch.float16: 0.005}
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("build, inputs", [(latent_model, latent_inputs), (unet_model, unet_inputs)])
+def test_autocast_stays_close_to_float32(build, inputs, dtype, device):
+    model = build().to(device)
+    args = [tensor.to(device) for tensor in inputs()]
+    with torch.no_grad():
+        reference = model(*args).sample
+        with torch.autocast(device, dtype=dtype):
+            output = model(*args).sample
+    assert output.dtype == dtype
+    assert relative_error(output, reference) < AUTOCAST_TOLERANCE[dtype]
