@@ -5,6 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffit_diffusers import DiffiTTransformer2DModel, available_presets, load_preset_config
+from model_checks import assert_checkpointing_keeps_gradients
 
 
 def tiny_transformer(seed=0, **kwargs):
@@ -127,19 +128,8 @@ def test_save_load_round_trip(tmp_path):
 def test_gradient_checkpointing_gives_same_gradients():
     model = tiny_transformer().train()
     model.time_embedding.class_embedder.dropout_prob = 0.0  # deterministic labels for the comparison
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 50]), torch.tensor([1, 2])
-
-    def grads():
-        model.zero_grad()
-        model(x, t, y).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
+    assert_checkpointing_keeps_gradients(model, torch.randn(2, 4, 8, 8), torch.tensor([5, 50]), torch.tensor([1, 2]))
     assert model.gradient_checkpointing
-    checkpointed = grads()
-    for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_ddpm_scheduler_step_on_learned_sigma_output():

@@ -16,6 +16,7 @@ from diffit_diffusers.models.resampling import Downsample2x, Upsample2x
 from diffit_diffusers.models.resblock import DiffiTResBlock
 from diffit_diffusers.models.unet_diffit import DiffiTUNet2DModel, SkipMerge
 from diffit_diffusers.presets import available_presets
+from model_checks import assert_checkpointing_keeps_gradients
 
 
 # Parameter counts quoted in the README and docs.
@@ -318,19 +319,8 @@ def test_one_step_with_each_scheduler(scheduler_cls):
 
 def test_gradient_checkpointing_gives_same_gradients():
     model = small_unet(num_classes=3).train()
-    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([5, 50]), torch.tensor([1, 2])
-
-    def grads():
-        model.zero_grad()
-        model(x, t, y).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
+    assert_checkpointing_keeps_gradients(model, torch.randn(2, 3, 16, 16), torch.tensor([5, 50]), torch.tensor([1, 2]))
     assert all(b.gradient_checkpointing for b in [*model.down_blocks, model.mid_block, *model.up_blocks])
-    checkpointed = grads()
-    for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 # `fullgraph=True` fails on any graph break whatever the backend; "aot_eager" checks that in seconds, while a cold
