@@ -9,13 +9,14 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..loaders.single_file import FromOriginalDiffiTMixin
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
 from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
 from .transformer_block import DiffiTTransformerBlock
 
 
-class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin):
+class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin, FromOriginalDiffiTMixin):
     r"""The latent DiffiT denoiser (DiffiT-XL/2: 561M parameters, ImageNet-256 FID 1.73).
 
     Patchify ``->`` fixed 2D sin-cos positions ``->`` ``num_layers`` DiffiT blocks with *global* TMSA whose time

@@ -4,41 +4,41 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import RemoteEntryNotFoundError
 
+from ..loaders.single_file import (
+    OFFICIAL_SAMPLING_DEFAULTS,
+    CheckpointConversionError,
+    imagenet_id2label,
+    official_recipe,
+    official_scheduler,
+)
+from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from .guidance import GUIDANCE_SCHEDULES, apply_guidance, guidance_weight
-
-
-if TYPE_CHECKING:
-    from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
+from .model_index import (
+    check_pipeline_folder,
+    download_patterns,
+    missing_index_message,
+    read_model_index,
+    resolve_installed_classes,
+    write_generic_loader_files,
+)
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SUPPORTED_SCHEDULERS = tuple(member.name for member in KarrasDiffusionSchedulers) + (
     "EDMDPMSolverMultistepScheduler",
 )
-#: Module written next to a saved pipeline so that ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``
-#: finds the pipeline class; it only re-exports the installed package.
-PIPELINE_MODULE = "pipeline_diffit"
-#: Module written inside the ``denoiser`` folder for the same reason.
-DENOISER_MODULE = "modeling_diffit"
-
-
-def _denoiser_classes() -> dict[str, type]:
-    from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
-
-    return {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel)}
 
 
 class DiffiTPipeline(DiffusionPipeline):
@@ -65,7 +65,7 @@ class DiffiTPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        denoiser: "DiffiTTransformer2DModel | DiffiTUNet2DModel",
+        denoiser: DiffiTTransformer2DModel | DiffiTUNet2DModel,
         scheduler: SchedulerMixin,
         vae: AutoencoderKL | None = None,
         id2label: dict | None = None,
@@ -308,26 +308,38 @@ class DiffiTPipeline(DiffusionPipeline):
                 f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got {sorted(unknown)}."
             )
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """Save as a diffusers folder that ``DiffiTPipeline.from_pretrained`` and the generic
-        ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` both load, locally or from the Hub."""
-        super().save_pretrained(save_directory, **kwargs)
-        folder = Path(save_directory)
-        index_file = folder / self.config_name
-        index = json.loads(index_file.read_text())
-        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
-        index["denoiser"] = [DENOISER_MODULE, type(self.denoiser).__name__]
-        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (folder / f"{PIPELINE_MODULE}.py").write_text(
-            '"""Makes this folder loadable with diffusers\' generic DiffusionPipeline.from_pretrained '
-            '(requires `pip install diffit-diffusers`)."""\n\nfrom diffit_diffusers import DiffiTPipeline\n\n'
-            '__all__ = ["DiffiTPipeline"]\n'
+        ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` both load, locally or from the Hub.
+
+        Args:
+            save_directory: the folder; created if missing.
+            safe_serialization: write ``.safetensors`` weights (else PyTorch ``.bin``).
+            variant: write ``diffusion_pytorch_model.<variant>.safetensors`` (load with the same ``variant``).
+            max_shard_size: shard weights larger than this (e.g. ``"5GB"``).
+            push_to_hub: not taken here; use ``push_to_hub`` (which also writes a DiffiT model card).
+        """
+        if push_to_hub:
+            raise ValueError(
+                "`DiffiTPipeline.save_pretrained(push_to_hub=True)` is not supported; call "
+                "`pipeline.push_to_hub(repo_id)`, which also writes a DiffiT model card."
+            )
+        super().save_pretrained(
+            save_directory,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+            **kwargs,
         )
-        (folder / "denoiser" / f"{DENOISER_MODULE}.py").write_text(
-            '"""Lets diffusers find the DiffiT denoiser classes (requires `pip install diffit-diffusers`)."""\n\n'
-            "from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel\n\n"
-            '__all__ = ["DiffiTTransformer2DModel", "DiffiTUNet2DModel"]\n'
-        )
+        write_generic_loader_files(Path(save_directory), self)
 
     def push_to_hub(
         self,
@@ -353,60 +365,134 @@ class DiffiTPipeline(DiffusionPipeline):
             create_model_card(folder, repo_id=repo_id, sample_images=sample_images, **model_card_kwargs)
             return push_folder_to_hub(folder, repo_id, token=token, private=private, commit_message=commit_message)
 
+
     @classmethod
-    def from_pretrained(
+    def load_config(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        torch_dtype: torch.dtype | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        **components: Any,
-    ) -> "DiffiTPipeline":
-        """Load a pipeline folder or Hub repo saved by ``save_pretrained``.
+        return_unused_kwargs: bool = False,
+        return_commit_hash: bool = False,
+        **kwargs: Any,
+    ):
+        """diffusers' ``load_config`` for a pipeline folder, with its entries for ``diffit_diffusers`` pointed at the
+        installed classes (so ``from_pretrained`` builds them without running code from the folder).
 
-        The components' classes come from this package and diffusers only: no code from the folder is executed.
-        Keyword arguments named after a component (``denoiser``, ``scheduler``, ``vae``) or an init argument replace
-        what the folder holds.
+        Raises:
+            FileNotFoundError: the folder has no ``model_index.json`` (the message names ``from_single_file`` when
+                it holds raw checkpoint files).
+            ValueError: ``model_index.json`` is not valid JSON or names another pipeline class.
         """
         folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            folder = Path(
-                snapshot_download(
-                    str(pretrained_model_name_or_path),
-                    allow_patterns=[cls.config_name, "denoiser/*", "scheduler/*", "vae/*"],
-                    cache_dir=cache_dir,
-                    revision=revision,
-                    token=token,
-                    local_files_only=bool(local_files_only),
-                )
+        if folder.is_dir() and not kwargs.get("subfolder"):
+            check_pipeline_folder(folder)
+        outputs = super().load_config(
+            pretrained_model_name_or_path,
+            return_unused_kwargs=return_unused_kwargs,
+            return_commit_hash=return_commit_hash,
+            **kwargs,
+        )
+        resolve_installed_classes(outputs[0] if isinstance(outputs, tuple) else outputs, cls)
+        return outputs
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs: Any) -> str:
+        """Download what ``from_pretrained`` needs from a DiffiT pipeline repo and return the local folder.
+
+        ``from_pretrained`` calls this for a Hub id with its keywords: ``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``, ``force_download``, ``variant`` (without one, variant weight files are skipped) and
+        ``use_safetensors``; the folders of components passed as keyword arguments are not downloaded. Unlike
+        ``DiffusionPipeline.download`` it resolves no code from the repo.
+
+        Raises:
+            FileNotFoundError: the repo has no ``model_index.json`` (the message names ``from_single_file`` when
+                it holds raw checkpoint files).
+        """
+        hub_kwargs = {
+            "revision": kwargs.get("revision"),
+            "cache_dir": kwargs.get("cache_dir"),
+            "token": kwargs.get("token"),
+            "local_files_only": bool(kwargs.get("local_files_only")),
+            "force_download": bool(kwargs.get("force_download")),
+        }
+        try:
+            index_file = hf_hub_download(pretrained_model_name, cls.config_name, **hub_kwargs)
+        except RemoteEntryNotFoundError as error:
+            files = HfApi(token=hub_kwargs["token"]).list_repo_files(
+                pretrained_model_name, revision=hub_kwargs["revision"]
             )
-        index_file = folder / cls.config_name
-        if not index_file.is_file():
-            raise FileNotFoundError(
-                f"{index_file} does not exist: {pretrained_model_name_or_path} is not a saved pipeline folder. "
-                "Save one with `DiffiTPipeline.save_pretrained` or the training scripts."
+            raise FileNotFoundError(missing_index_message(f"The Hub repo {pretrained_model_name}", files)) from error
+        allow_patterns, ignore_patterns = download_patterns(
+            read_model_index(index_file),
+            skipped_components=kwargs,
+            variant=kwargs.get("variant"),
+            use_safetensors=kwargs.get("use_safetensors"),
+        )
+        return snapshot_download(
+            pretrained_model_name, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, **hub_kwargs
+        )
+
+    @classmethod
+    def from_single_file(
+        cls,
+        pretrained_model_link_or_path: str | os.PathLike,
+        *,
+        vae: AutoencoderKL | str | os.PathLike | None = None,
+        scheduler: SchedulerMixin | None = None,
+        config: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        force_download: bool = False,
+        **pipeline_kwargs: Any,
+    ) -> "DiffiTPipeline":
+        """The released sampling setup around one of NVIDIA's checkpoint files (``nvidia/DiffiT``).
+
+        The denoiser is ``DiffiTTransformer2DModel.from_single_file(pretrained_model_link_or_path, ...)``; the
+        scheduler is ADM/DiT's DDPM schedule with learned-range variance (``official_scheduler``); the defaults
+        are the official recipe for the checkpoint's resolution (``official_recipe``: 250 steps, 3 guided
+        channels, the guidance of the release) and, for a 1000-class model, the ImageNet label names.
+
+        Args:
+            pretrained_model_link_or_path: a local file, ``hf://<repo>[@<revision>]/<file>`` or a Hub URL such as
+                ``https://huggingface.co/nvidia/DiffiT/blob/main/diffit_256.safetensors``.
+            vae: an ``AutoencoderKL`` or its folder / Hub id (the release used ``stabilityai/sd-vae-ft-ema``);
+                without one the pipeline returns latents only (``output_type="latent"``).
+            scheduler: replaces the official DDPM scheduler.
+            config: a diffusers folder or Hub repo whose denoiser config to use instead of the inferred one.
+            torch_dtype: dtype of the denoiser and the VAE.
+            revision, cache_dir, token, local_files_only, force_download: Hub download options.
+            **pipeline_kwargs: ``DiffiTPipeline`` arguments (``id2label``, ``default_guidance_scale``, ...) that
+                replace the official defaults.
+        """
+        hub_kwargs = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+        denoiser = DiffiTTransformer2DModel.from_single_file(
+            pretrained_model_link_or_path,
+            config=config,
+            torch_dtype=torch_dtype,
+            revision=revision,
+            force_download=force_download,
+            **hub_kwargs,
+        )
+        if isinstance(vae, (str, os.PathLike)):
+            try:
+                vae = AutoencoderKL.from_pretrained(str(vae), torch_dtype=torch_dtype, **hub_kwargs)
+            except (OSError, ValueError) as error:
+                raise CheckpointConversionError(
+                    f"Could not load the VAE {str(vae)!r} ({error}). Pass a local AutoencoderKL folder, a reachable "
+                    "Hub id or an AutoencoderKL (`--vae` on the command line)."
+                ) from error
+        if vae is not None and vae.config.latent_channels != denoiser.config.in_channels:
+            raise CheckpointConversionError(
+                f"The VAE has {vae.config.latent_channels} latent channels but the transformer expects "
+                f"{denoiser.config.in_channels}; pass the VAE the checkpoint was trained with."
             )
-        index = json.loads(index_file.read_text())
-        kwargs = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
-        if "denoiser" not in components:
-            denoiser_cls = _denoiser_classes().get(index["denoiser"][1])
-            if denoiser_cls is None:
-                raise ValueError(
-                    f"model_index.json names an unknown denoiser class {index['denoiser'][1]!r}; expected one of "
-                    f"{', '.join(_denoiser_classes())}."
-                )
-            components["denoiser"] = denoiser_cls.from_pretrained(folder / "denoiser", torch_dtype=torch_dtype)
-        if "scheduler" not in components:
-            scheduler_cls = getattr(diffusers, index["scheduler"][1])
-            components["scheduler"] = scheduler_cls.from_pretrained(folder / "scheduler")
-        if "vae" not in components:
-            vae_entry = index.get("vae") or [None, None]
-            components["vae"] = (
-                AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype) if vae_entry[0] else None
-            )
-        pipeline = cls(**{**kwargs, **components})
-        pipeline.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
-        return pipeline
+        defaults = {
+            **OFFICIAL_SAMPLING_DEFAULTS,
+            **official_recipe(denoiser.grid_size),
+            "id2label": imagenet_id2label() if denoiser.config.num_classes == 1000 else None,
+        }
+        return cls(
+            denoiser=denoiser, scheduler=scheduler or official_scheduler(), vae=vae, **{**defaults, **pipeline_kwargs}
+        )

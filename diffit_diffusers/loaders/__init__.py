@@ -1,0 +1,10 @@
+"""Loading NVIDIA's released single-file checkpoints."""
+
+from .single_file import (
+    CheckpointConversionError,
+    FromOriginalDiffiTMixin,
+    convert_state_dict,
+    infer_config,
+    load_checkpoint_file,
+    resolve_checkpoint_file,
+)
