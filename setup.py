@@ -18,7 +18,7 @@ setup(
         "diffusers>=0.35,<0.50",
         "accelerate>=1.0",
         "datasets>=3.0",
-        "huggingface_hub>=0.34",
+        "huggingface_hub>=2.4",
         "safetensors>=0.4",
         "numpy>=1.24",
         "Pillow>=9.0",

@@ -16,14 +16,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel
-from diffit_diffusers.convert_nvlabs import (
-    convert_to_pipeline,
-    imagenet_id2label,
+from diffit_diffusers.convert_nvlabs import convert_checkpoint, convert_to_pipeline, main
+from diffit_diffusers.loaders.single_file import (
     CheckpointConversionError,
-    convert_checkpoint,
     convert_state_dict,
+    imagenet_id2label,
     infer_config,
-    main,
 )
 
 
@@ -252,20 +250,6 @@ def test_sincos_transcription_agrees_with_the_models_position_embedding():
     assert not torch.allclose(expected.view(6, 6, 16).transpose(0, 1).reshape(1, 36, 16), expected, atol=1e-3)
 
 
-def test_pt_checkpoint_nested_under_ema_is_preferred_over_model(tmp_path):
-    ema, raw = make_official(seed=0), make_official(seed=5)
-    path = tmp_path / "train_state.pt"
-    torch.save({"model": official_state_dict(raw), "ema": official_state_dict(ema), "step": torch.tensor(7)}, path)
-    assert_matches_official(convert_checkpoint(path, tmp_path / "out"), ema)
-
-
-def test_pt_checkpoint_nested_under_state_dict_with_ddp_prefix(tmp_path):
-    official = make_official()
-    path = tmp_path / "ddp.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in official_state_dict(official).items()}}, path)
-    assert_matches_official(convert_checkpoint(path, tmp_path / "out"), official)
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_inferred_config_is_complete_and_correct(shape):
     official = make_official(**SHAPES[shape])
@@ -301,27 +285,6 @@ def test_inferred_config_of_other_layouts():
     assert (config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (3, 3, 16)
     assert (config["mlp_ratio"], config["num_classes"], config["learn_sigma"]) == (2.0, None, False)
     assert config["class_dropout_prob"] == 0.0
-
-
-def test_label_table_without_null_row_needs_num_classes(tmp_path):
-    official = make_official(num_classes=10, null_class=False)
-    state_dict = official_state_dict(official)
-    assert infer_config(state_dict)["num_classes"] == 9  # by default the last row is taken as the null class
-    config = infer_config(state_dict, num_classes=10)
-    assert (config["num_classes"], config["class_dropout_prob"]) == (10, 0.0)
-    with pytest.raises(CheckpointConversionError, match="11 classes"):
-        infer_config(state_dict, num_classes=11)
-
-    path = save_safetensors(official, tmp_path / "no_null.safetensors")
-    args = ["--checkpoint", str(path), "--output_dir", str(tmp_path / "out"), "--num_classes", "10"]
-    assert main(args + ["--transformer_only"]) == 0
-    model = DiffiTTransformer2DModel.from_pretrained(tmp_path / "out")
-    assert model.time_embedding.null_class_id is None
-    latents, timesteps, _ = random_inputs(official)
-    labels = torch.tensor([9, 0, 3, 5])
-    with torch.no_grad():
-        difference = model(latents, timesteps, labels).sample - official(latents, timesteps, labels)
-    assert difference.abs().max() <= TOLERANCE
 
 
 def test_unknown_missing_and_misshapen_keys_are_all_listed():

@@ -37,6 +37,8 @@ API_MODULES = (
     "diffit_diffusers.evaluation",
     "diffit_diffusers.evaluation.cli",
     "diffit_diffusers.convert_nvlabs",
+    "diffit_diffusers.loaders",
+    "diffit_diffusers.loaders.single_file",
     "diffit_diffusers.training",
     "diffit_diffusers.training.cli",
 )

@@ -451,7 +451,8 @@ class FromOriginalDiffiTMixin:
             config: a diffusers model folder or Hub repo whose config to use (with ``subfolder`` and
                 ``config_revision``) instead of reading the config off the tensor shapes.
             torch_dtype: cast the weights to this dtype (``dtype`` is an alias); by default they keep the file's.
-            revision, cache_dir, token, local_files_only, force_download: Hub download options for the file.
+            revision: the Hub revision of the file (``cache_dir``, ``token``, ``local_files_only`` and
+                ``force_download`` are ``huggingface_hub``'s other download options).
             **config_overrides: config entries (``__init__`` arguments) that replace the inferred ones.
 
         Raises:
@@ -481,9 +482,9 @@ class FromOriginalDiffiTMixin:
             model_config = cls.load_config(config, subfolder=subfolder, revision=config_revision, **hub_kwargs)
         model_config = {**model_config, **config_overrides}
         model_config, converted = convert_state_dict(state_dict, model_config, model_class=cls)
+        if torch_dtype is not None:  # parameters only: the recomputed buffers stay float32, as in from_pretrained
+            converted = {key: tensor.to(torch_dtype) for key, tensor in converted.items()}
         with init_empty_weights(include_buffers=False):
             model = cls.from_config(model_config)
         model.load_state_dict(converted, strict=True, assign=True)
-        if torch_dtype is not None:
-            model.to(torch_dtype)
         return model.eval()

@@ -462,7 +462,8 @@ class DiffiTPipeline(DiffusionPipeline):
             scheduler: replaces the official DDPM scheduler.
             config: a diffusers folder or Hub repo whose denoiser config to use instead of the inferred one.
             torch_dtype: dtype of the denoiser and the VAE.
-            revision, cache_dir, token, local_files_only, force_download: Hub download options.
+            revision: the Hub revision of the file (``cache_dir``, ``token``, ``local_files_only`` and
+                ``force_download`` are ``huggingface_hub``'s other download options).
             **pipeline_kwargs: ``DiffiTPipeline`` arguments (``id2label``, ``default_guidance_scale``, ...) that
                 replace the official defaults.
         """
