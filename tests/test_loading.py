@@ -56,7 +56,7 @@ def test_saved_index_names_the_installed_library(saved):
 
 
 def test_variant_round_trip(saved, tmp_path):
-    pipe, folder, expected = saved
+    pipe, _, expected = saved
     variant_only = tmp_path / "variant-only"
     pipe.save_pretrained(variant_only, variant="ema")
     assert sorted(path.name for path in (variant_only / "denoiser").glob("*.safetensors")) == [
@@ -106,7 +106,7 @@ def test_per_component_dtype(saved):
 
 
 def test_component_and_argument_overrides(saved):
-    pipe, folder, _ = saved
+    _, folder, _ = saved
     other = randomise(
         DiffiTTransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
@@ -189,7 +189,7 @@ def test_folder_saved_by_version_0_1_0_loads_with_both_loaders(tmp_path):
 
 
 def test_hub_loading_keywords(saved, tmp_path, hub_server):
-    pipe, folder, expected = saved
+    _, folder, expected = saved
     push_folder_to_hub(folder, REPO_ID)
     first_commit = hub_server.commits(REPO_ID)[-1].oid
     changed = latent_pipeline(id2label={i: f"class {i}" for i in range(5)}, default_guidance_scale=9.0)
@@ -205,18 +205,25 @@ def test_hub_loading_keywords(saved, tmp_path, hub_server):
     assert loaded.name_or_path == REPO_ID
     resolve_requests = [request for request in hub_server.requests if "/resolve/" in request.path]
     assert all(request.headers["authorization"] == "Bearer hf_fake" for request in resolve_requests)
-    downloaded = {Path(request.path).name for request in resolve_requests}
-    assert "diffusion_pytorch_model.fp16.safetensors" in downloaded
+    downloaded = {request.path.split("/resolve/")[1].split("/", 1)[1] for request in resolve_requests}
+    weights = [f"{component}/diffusion_pytorch_model" for component in ("denoiser", "vae")]
+    assert {f"{name}.fp16.safetensors" for name in weights} <= downloaded  # the variant's weights only
+    assert not {f"{name}.safetensors" for name in weights} & downloaded
 
     assert DiffiTPipeline.from_pretrained(REPO_ID, cache_dir=cache).config.default_guidance_scale == 9.0
     requests_before = len(hub_server.requests)
-    offline = DiffiTPipeline.from_pretrained(REPO_ID, revision=first_commit, cache_dir=cache, local_files_only=True)
+    offline = DiffiTPipeline.from_pretrained(
+        REPO_ID, revision=first_commit, cache_dir=cache, local_files_only=True, variant="fp16", device_map="cpu"
+    )
     assert len(hub_server.requests) == requests_before
     np.testing.assert_array_equal(sample(quiet_loaded(offline)), expected)
 
     scheduler = DDIMScheduler()
     requests_before = len(hub_server.requests)
-    without_vae = DiffiTPipeline.from_pretrained(REPO_ID, cache_dir=tmp_path / "cache-2", vae=None, scheduler=scheduler)
+    without_vae = DiffiTPipeline.from_pretrained(
+        REPO_ID, cache_dir=tmp_path / "cache-2", vae=None, scheduler=scheduler, use_safetensors=True,
+        low_cpu_mem_usage=False, force_download=True,
+    )
     assert without_vae.vae is None and without_vae.scheduler is scheduler
     new_paths = [request.path for request in hub_server.requests[requests_before:]]
     assert any("/denoiser/" in path for path in new_paths)

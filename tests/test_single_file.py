@@ -156,9 +156,8 @@ def test_pipeline_from_single_file_options(official, checkpoint, tmp_path, hub_s
     latents_only.save_pretrained(saved)
     reloaded = DiffiTPipeline.from_pretrained(saved)
     with torch.no_grad():
-        assert torch.equal(
-            reloaded.denoiser(latents, timesteps, labels).sample, latents_only.denoiser(latents, timesteps, labels).sample
-        )
+        expected = latents_only.denoiser(latents, timesteps, labels).sample
+        assert torch.equal(reloaded.denoiser(latents, timesteps, labels).sample, expected)
 
 
 def test_clear_errors(checkpoint, tmp_path):

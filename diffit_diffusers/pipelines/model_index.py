@@ -19,6 +19,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from diffusers.pipelines.pipeline_loading_utils import filter_model_files, variant_compatible_siblings
+from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_download, snapshot_download
+from huggingface_hub.errors import CachedRepoTreeNotFoundError, RemoteEntryNotFoundError
+
 from ..loaders.single_file import CHECKPOINT_SUFFIXES
 
 
@@ -146,21 +150,69 @@ def _reexport_module(cls: type) -> str:
 
 
 def download_patterns(
-    index: Mapping[str, Any], skipped_components: Iterable[str], variant: str | None, use_safetensors: bool | None
+    index: Mapping[str, Any],
+    skipped_components: Iterable[str],
+    variant: str | None,
+    use_safetensors: bool | None,
+    repo_files: Iterable[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """``(allow_patterns, ignore_patterns)`` for ``snapshot_download`` of a pipeline repo.
 
-    Every component folder is fetched except those in ``skipped_components`` (passed to ``from_pretrained``);
-    without a ``variant`` the variant weight files (``*.fp16.safetensors``, ...) are left out, and
-    ``use_safetensors`` leaves out the other weight format.
+    Every component folder is fetched except those in ``skipped_components`` (passed to ``from_pretrained``), and
+    ``use_safetensors`` leaves out the other weight format. With the repo's file list (``repo_files``) only the
+    weight files diffusers will load are fetched (the ``variant`` ones where a folder has them, as diffusers
+    chooses); without it (offline) the variant files are left out unless a ``variant`` is asked for.
     """
     skipped = set(skipped_components)
-    allow = [MODEL_INDEX_NAME, *(f"{name}/*" for name in component_entries(index) if name not in skipped)]
-    ignore = []
-    if variant is None:
-        ignore += ["*/diffusion_pytorch_model.*.safetensors", "*/diffusion_pytorch_model.*.bin", "*.index.*.json"]
-    if use_safetensors is True:
-        ignore.append("*.bin")
-    elif use_safetensors is False:
-        ignore.append("*.safetensors")
-    return allow, ignore
+    folders = [name for name in component_entries(index) if name not in skipped]
+    allow = [MODEL_INDEX_NAME, *(f"{name}/*" for name in folders)]
+    ignore = {True: ["*.bin"], False: ["*.safetensors"]}.get(use_safetensors, [])
+    if repo_files is None:
+        if variant is None:
+            ignore += ["*/diffusion_pytorch_model.*.safetensors", "*/diffusion_pytorch_model.*.bin", "*.index.*.json"]
+        return allow, ignore
+    folder_files = [name for name in repo_files if name.split("/")[0] in folders]
+    loaded_weights, _ = variant_compatible_siblings(folder_files, variant=variant, ignore_patterns=ignore)
+    return allow, ignore + [name for name in filter_model_files(folder_files) if name not in loaded_weights]
+
+
+def _repo_files(repo_id: str, revision: str | None, cache_dir, token, offline: bool) -> list[str] | None:
+    """The repo's file list: from the Hub, or offline the listing a previous download cached (``None`` if none)."""
+    if not offline:
+        return HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    try:
+        return [entry.path for entry in get_cached_repo_tree(repo_id, revision=revision, cache_dir=cache_dir)]
+    except CachedRepoTreeNotFoundError:
+        return None  # snapshot_download raises the offline not-found error
+
+
+def download_pipeline_repo(
+    repo_id: str,
+    *,
+    skipped_components: Iterable[str],
+    variant: str | None,
+    use_safetensors: bool | None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+) -> str:
+    """Download the files of a pipeline repo that ``from_pretrained`` loads (see ``download_patterns``) and return
+    the snapshot folder; a ``FileNotFoundError`` if the repo has no ``model_index.json``."""
+    hub_kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+    repo_files = _repo_files(repo_id, revision, cache_dir, token, offline=local_files_only or constants.HF_HUB_OFFLINE)
+    try:
+        index_file = hf_hub_download(repo_id, MODEL_INDEX_NAME, force_download=force_download, **hub_kwargs)
+    except RemoteEntryNotFoundError as error:
+        raise FileNotFoundError(missing_index_message(f"The Hub repo {repo_id}", repo_files or [])) from error
+    allow_patterns, ignore_patterns = download_patterns(
+        read_model_index(index_file), skipped_components, variant, use_safetensors, repo_files
+    )
+    return snapshot_download(
+        repo_id,
+        allow_patterns=allow_patterns,
+        ignore_patterns=ignore_patterns,
+        force_download=force_download,
+        **hub_kwargs,
+    )

@@ -13,8 +13,6 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from ..loaders.single_file import (
     OFFICIAL_SAMPLING_DEFAULTS,
@@ -27,9 +25,7 @@ from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from .guidance import GUIDANCE_SCHEDULES, apply_guidance, guidance_weight
 from .model_index import (
     check_pipeline_folder,
-    download_patterns,
-    missing_index_message,
-    read_model_index,
+    download_pipeline_repo,
     resolve_installed_classes,
     write_generic_loader_files,
 )
@@ -399,36 +395,24 @@ class DiffiTPipeline(DiffusionPipeline):
         """Download what ``from_pretrained`` needs from a DiffiT pipeline repo and return the local folder.
 
         ``from_pretrained`` calls this for a Hub id with its keywords: ``revision``, ``cache_dir``, ``token``,
-        ``local_files_only``, ``force_download``, ``variant`` (without one, variant weight files are skipped) and
-        ``use_safetensors``; the folders of components passed as keyword arguments are not downloaded. Unlike
-        ``DiffusionPipeline.download`` it resolves no code from the repo.
+        ``local_files_only``, ``force_download``, ``variant`` and ``use_safetensors``: only the weight files diffusers
+        will load are fetched, and the folders of components passed as keyword arguments are not downloaded.
+        Unlike ``DiffusionPipeline.download`` it resolves no code from the repo.
 
         Raises:
             FileNotFoundError: the repo has no ``model_index.json`` (the message names ``from_single_file`` when
                 it holds raw checkpoint files).
         """
-        hub_kwargs = {
-            "revision": kwargs.get("revision"),
-            "cache_dir": kwargs.get("cache_dir"),
-            "token": kwargs.get("token"),
-            "local_files_only": bool(kwargs.get("local_files_only")),
-            "force_download": bool(kwargs.get("force_download")),
-        }
-        try:
-            index_file = hf_hub_download(pretrained_model_name, cls.config_name, **hub_kwargs)
-        except RemoteEntryNotFoundError as error:
-            files = HfApi(token=hub_kwargs["token"]).list_repo_files(
-                pretrained_model_name, revision=hub_kwargs["revision"]
-            )
-            raise FileNotFoundError(missing_index_message(f"The Hub repo {pretrained_model_name}", files)) from error
-        allow_patterns, ignore_patterns = download_patterns(
-            read_model_index(index_file),
+        return download_pipeline_repo(
+            pretrained_model_name,
             skipped_components=kwargs,
             variant=kwargs.get("variant"),
             use_safetensors=kwargs.get("use_safetensors"),
-        )
-        return snapshot_download(
-            pretrained_model_name, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, **hub_kwargs
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+            local_files_only=bool(kwargs.get("local_files_only")),
+            force_download=bool(kwargs.get("force_download")),
         )
 
     @classmethod
@@ -446,7 +430,7 @@ class DiffiTPipeline(DiffusionPipeline):
         local_files_only: bool | None = None,
         force_download: bool = False,
         **pipeline_kwargs: Any,
-    ) -> "DiffiTPipeline":
+    ) -> DiffiTPipeline:
         """The released sampling setup around one of NVIDIA's checkpoint files (``nvidia/DiffiT``).
 
         The denoiser is ``DiffiTTransformer2DModel.from_single_file(pretrained_model_link_or_path, ...)``; the
