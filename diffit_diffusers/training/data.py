@@ -24,6 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
+from huggingface_hub import constants as hub_constants
 
 from ..dataset_sources import looks_like_local_path, select_split
 
@@ -251,7 +252,15 @@ def _load_source(config: DataConfig) -> tuple[Union[datasets.Dataset, datasets.I
             f"`dataset_name` {name!r} looks like a local path but nothing exists at {str(path.resolve())!r}; "
             f"expected a {' or '.join(_DATA_FILE_BUILDERS)} file or a dataset folder."
         )
-    return datasets.load_dataset(name, config.dataset_config_name, **load_kwargs), source_name
+    try:
+        return datasets.load_dataset(name, config.dataset_config_name, **load_kwargs), source_name
+    except (ConnectionError, FileNotFoundError) as error:
+        if not datasets.config.HF_HUB_OFFLINE and not hub_constants.HF_HUB_OFFLINE:
+            raise
+        raise ValueError(
+            f"Cannot load the Hub dataset {name!r}: the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the "
+            "local cache; run once online to cache it, or pass a local dataset path or --train_data_dir."
+        ) from error
 
 
 def _resolve_image_column(features: datasets.Features, image_column: str, source_name: str) -> str:
