@@ -43,7 +43,7 @@ from diffit_diffusers.evaluation import (
     evaluate_pipeline,
     evaluate_samples,
 )
-from diffit_diffusers.training import Trainer, TrainingConfig
+from diffit_diffusers.training import DataConfig, Trainer, TrainingConfig
 
 
 DEBIAN_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -357,15 +357,17 @@ class ContestantTrainer(Trainer):
 def training_config(args: argparse.Namespace, dataset_path: Path, output_dir: Path) -> TrainingConfig:
     """The shared training recipe: same data, steps, batch, optimizer, EMA and sampler for every contestant."""
     return TrainingConfig(
-        dataset_name=str(dataset_path),
-        label_column="label",
-        resolution=RESOLUTION,
-        num_channels=1,
-        cache_dir=str(Path(args.work_dir) / "hf-cache"),
+        data=DataConfig(
+            dataset_name=str(dataset_path),
+            label_column="label",
+            resolution=RESOLUTION,
+            num_channels=1,
+            cache_dir=str(Path(args.work_dir) / "hf-cache"),
+            seed=args.seed,
+        ),
         objective="edm",
         class_dropout_prob=args.class_dropout_prob,
         output_dir=str(output_dir),
-        seed=args.seed,
         train_batch_size=args.train_batch_size,
         max_train_steps=args.max_train_steps,
         learning_rate=args.learning_rate,

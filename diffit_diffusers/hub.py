@@ -1,12 +1,11 @@
-"""Hugging Face Hub support: DiffiT model cards, folder uploads and a background uploader for training loops."""
+"""Hugging Face Hub support: DiffiT model cards, folder uploads and background uploads for training loops."""
 
 import json
 import math
 import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -215,195 +214,115 @@ def resolve_hub_repo_id(name: str, token: str | None = None, endpoint: str | Non
     return f"{owner}/{name}"
 
 
-@dataclass
-class _UploadJob:
-    """A private copy of a folder waiting to be uploaded; `snapshot_root` is deleted once it is no longer needed."""
+class BackgroundHubUploads:
+    """Upload folders to one Hub model repo in the background, with huggingface_hub's own machinery.
 
-    source: Path
-    snapshot_root: Path
-    path_in_repo: str | None
-    commit_message: str
-
-    @property
-    def target(self) -> str:
-        return (self.path_in_repo or "").strip("/")
-
-    @property
-    def folder(self) -> Path:
-        return self.snapshot_root / "folder"
-
-    @classmethod
-    def snapshot(cls, source: Path, path_in_repo: str | None, commit_message: str) -> "_UploadJob":
-        snapshot_root = Path(tempfile.mkdtemp(prefix="diffit-hub-upload-"))
-        job = cls(source=source, snapshot_root=snapshot_root, path_in_repo=path_in_repo, commit_message=commit_message)
-        try:
-            shutil.copytree(source, job.folder)
-        except OSError:
-            job.discard()
-            raise
-        return job
-
-    def discard(self) -> None:
-        shutil.rmtree(self.snapshot_root, ignore_errors=True)
-
-
-class BackgroundHubUploader:
-    """Push folders to one Hub model repo from a worker thread, so a training loop never waits on the network.
-
-    `submit` copies the folder right away (later writes to it cannot leak into the upload) and returns; one upload
-    runs at a time. A newer submission for the same `path_in_repo` replaces one still waiting. Failures are logged
-    with their reason, counted in `failures` (the last reason in `last_error`) and never raised; the latest failed
-    snapshot of each `path_in_repo` is kept and retried on the next `submit` (unless that submission replaces it)
-    and on `close`. `successes` counts finished uploads, `last_commit_url` is the latest commit. Call `close` (or use
-    the uploader as a context manager) before the process exits: the worker is a daemon thread.
+    Every upload is an `HfApi.upload_folder` run through `HfApi.run_as_future` (one at a time, in submission order,
+    on huggingface_hub's worker thread), so a training loop never waits on the network. The repo id is resolved
+    lazily in the background: a bare name gets the token owner's namespace (see `resolve_hub_repo_id`), and the repo
+    is created (as private if `private`) before the first upload. If the Hub is unreachable, the resolution and each
+    upload fail with a logged warning and are counted in `failures` (the last reason in `last_error`); nothing is
+    ever raised to the caller, and the next upload tries the resolution again.
 
     Example:
         ```py
-        uploader = BackgroundHubUploader("me/diffit-cifar10", private=True)
+        uploads = BackgroundHubUploads("diffit-cifar10", private=True)
         for step in range(num_steps):
             ...
             if step % checkpoint_every == 0:
                 pipeline.save_pretrained(output_dir)
-                uploader.submit(output_dir, commit_message=f"Step {step}")
-        uploader.close()
+                uploads.upload(output_dir, commit_message=f"Step {step}", ignore_patterns=["checkpoint-*"])
+        ok = uploads.wait()  # True if every upload reached the Hub
         ```
     """
 
     def __init__(
-        self,
-        repo_id: str,
-        *,
-        token: str | None = None,
-        private: bool = False,
-        create: bool = True,
-        endpoint: str | None = None,
+        self, repo_name: str, *, token: str | None = None, private: bool = False, endpoint: str | None = None
     ):
-        validate_repo_id(repo_id)
-        self.repo_id = repo_id
-        self.token = token
+        self.repo_name = repo_name
         self.private = private
-        self.create = create
-        self.endpoint = endpoint
-        self.successes = 0
+        self.api = HfApi(endpoint=endpoint, token=token)
         self.failures = 0
         self.last_error: str | None = None
-        self.last_commit_url: str | None = None
-        self._condition = threading.Condition()
-        self._queued: dict[str, _UploadJob] = {}
-        self._failed: dict[str, _UploadJob] = {}
-        self._in_flight = False
-        self._closed = False
-        self._abandoned = 0
-        self._worker = threading.Thread(target=self._run, name="diffit-hub-uploader", daemon=True)
-        self._worker.start()
+        self._lock = threading.Lock()
+        self._repo_id: str | None = None
+        self._futures: list[Future] = []
+        self._track(self.api.run_as_future(self._ensure_repo), f"Creating the Hub repo {repo_name!r}")
 
-    def submit(
-        self, folder: str | Path, path_in_repo: str | None = None, commit_message: str = "Upload checkpoint"
-    ) -> bool:
-        """Snapshot `folder` and queue its upload; returns False (and logs why) if the snapshot could not be made.
+    def _ensure_repo(self) -> str:
+        """Resolve the repo id and create the repo (once it worked, later calls return it at once)."""
+        with self._lock:
+            if self._repo_id is not None:
+                return self._repo_id
+        repo_id = resolve_hub_repo_id(self.repo_name, token=self.api.token, endpoint=self.api.endpoint)
+        if "/" not in repo_id:
+            raise ValueError(f"No Hub user to put the repo {repo_id!r} under; log in or pass `namespace/name`.")
+        validate_repo_id(repo_id)
+        self.api.create_repo(repo_id, private=self.private, exist_ok=True)
+        with self._lock:
+            self._repo_id = repo_id
+        return repo_id
 
-        Raises `FileNotFoundError` if `folder` is not a folder and `RuntimeError` after `close`.
+    @property
+    def repo_id(self) -> str | None:
+        """The resolved `namespace/name`, or `None` while it is not known (not yet asked, or the Hub unreachable)."""
+        with self._lock:
+            return self._repo_id
+
+    def resolved_repo_id(self, timeout: float | None = 30.0) -> str:
+        """The resolved repo id, waiting up to `timeout` seconds for the background resolution; the configured name
+        if it could not be resolved."""
+        wait(self._futures[:1], timeout=timeout)
+        return self.repo_id or self.repo_name
+
+    def upload(
+        self,
+        folder: str | Path,
+        *,
+        path_in_repo: str | None = None,
+        commit_message: str = "Upload checkpoint",
+        ignore_patterns: Sequence[str] | None = None,
+        delete_after: bool = False,
+    ) -> Future:
+        """Queue the upload of `folder` (minus `ignore_patterns`) and return its `Future` at once.
+
+        The files are read when the upload runs: pass a folder that stays as it is until then, or a private copy
+        with `delete_after=True`, which deletes it once the upload finished or failed.
         """
         folder = Path(folder)
-        with self._condition:
-            closed = self._closed
-        if closed:
-            raise RuntimeError("This BackgroundHubUploader is closed; create a new one to upload more folders.")
         if not folder.is_dir():
             raise FileNotFoundError(f"Cannot upload {folder}: it is not an existing folder.")
-        try:
-            job = _UploadJob.snapshot(folder, path_in_repo, commit_message)
-        except OSError as error:
-            with self._condition:
-                reason = f"{type(error).__name__}: {error}"
-                self._record_failure(reason, folder, "the folder could not be copied for upload")
-            return False
-        with self._condition:
-            self._requeue_failed(replaced_target=job.target)
-            replaced = self._queued.pop(job.target, None)
-            if replaced is not None:
-                replaced.discard()
-            self._queued[job.target] = job
-            self._condition.notify_all()
-        return True
+
+        def run() -> str:
+            try:
+                commit = self.api.upload_folder(
+                    repo_id=self._ensure_repo(),
+                    folder_path=folder,
+                    path_in_repo=path_in_repo,
+                    commit_message=commit_message,
+                    ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
+                )
+                return commit.commit_url
+            finally:
+                if delete_after:
+                    shutil.rmtree(folder, ignore_errors=True)
+
+        return self._track(self.api.run_as_future(run), f"Uploading {folder} to the Hub repo {self.repo_name!r}")
+
+    def _track(self, future: Future, what: str) -> Future:
+        def report(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
+                with self._lock:
+                    self.failures += 1
+                    self.last_error = f"{type(error).__name__}: {error}"
+                logger.warning(f"{what} failed ({type(error).__name__}: {error}).")
+
+        self._futures.append(future)
+        future.add_done_callback(report)
+        return future
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until no upload is queued or running; False if `timeout` seconds passed first."""
-        with self._condition:
-            return self._condition.wait_for(lambda: not self._queued and not self._in_flight, timeout)
-
-    def close(self, timeout: float | None = None) -> bool:
-        """Retry failed uploads once, wait for every upload (at most `timeout` seconds) and stop the worker.
-
-        Returns True if everything submitted reached the Hub (or was replaced by a newer upload that did).
-        """
-        with self._condition:
-            if not self._closed:
-                self._closed = True
-                self._requeue_failed(replaced_target=None)
-                self._condition.notify_all()
-        self._worker.join(timeout)
-        with self._condition:
-            return not self._worker.is_alive() and self._abandoned == 0
-
-    def __enter__(self) -> "BackgroundHubUploader":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def _requeue_failed(self, replaced_target: str | None) -> None:
-        """Queue failed snapshots again, except the one a new submission for `replaced_target` supersedes."""
-        for target, job in self._failed.items():
-            if target == replaced_target:
-                job.discard()
-            else:
-                self._queued[target] = job
-        self._failed.clear()
-
-    def _record_failure(self, reason: str, source: Path, outcome: str) -> None:
-        self.failures += 1
-        self.last_error = reason
-        logger.warning(f"Uploading {source} to the Hub repo {self.repo_id} failed ({reason}); {outcome}.")
-
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                self._condition.wait_for(lambda: self._queued or self._closed)
-                if not self._queued:
-                    return
-                job = self._queued.pop(next(iter(self._queued)))
-                self._in_flight = True
-            try:
-                commit_url = push_folder_to_hub(
-                    job.folder,
-                    self.repo_id,
-                    token=self.token,
-                    private=self.private,
-                    path_in_repo=job.path_in_repo,
-                    commit_message=job.commit_message,
-                    create=self.create,
-                    endpoint=self.endpoint,
-                )
-            except Exception as error:
-                with self._condition:
-                    if job.target in self._queued:
-                        outcome = "a newer upload of the same target is queued"
-                        job.discard()
-                    elif self._closed:
-                        outcome = "giving up since the uploader is closed"
-                        self._abandoned += 1
-                        job.discard()
-                    else:
-                        outcome = "it will be retried on the next submit() or on close()"
-                        self._failed[job.target] = job
-                    self._record_failure(f"{type(error).__name__}: {error}", job.source, outcome)
-                    self._in_flight = False
-                    self._condition.notify_all()
-            else:
-                job.discard()
-                with self._condition:
-                    self.successes += 1
-                    self.last_commit_url = commit_url
-                    self._in_flight = False
-                    self._condition.notify_all()
+        """Wait for every queued upload (at most `timeout` seconds); True if all of them reached the Hub."""
+        done, pending = wait(self._futures, timeout=timeout)
+        return not pending and all(future.exception() is None for future in done)

@@ -261,10 +261,11 @@ def test_script_commands_use_real_flags(page, capsys):
 def test_script_command_check_rejects_bad_flags(capsys):
     page = DOCS_DIR / "guides" / "train-image.md"
     block = CodeBlock(page, 1, "bash", "")
-    good = ScriptCommand(block, ["accelerate", "launch", "--multi_gpu"], "examples/train_diffit.py", ["--seed", "1"])
+    good = ScriptCommand(block, ["accelerate", "launch", "--multi_gpu"], "examples/train_diffit.py", ["--dataset_name", "digits", "--seed", "1"])
     parse_script_arguments(good)
     bad_commands = [
-        ScriptCommand(block, [], "examples/train_diffit.py", ["--sed", "1"]),
+        ScriptCommand(block, [], "examples/train_diffit.py", ["--dataset_name", "digits", "--sed", "1"]),
+        ScriptCommand(block, [], "examples/train_diffit.py", ["--seed", "1"]),  # no training data
         ScriptCommand(block, [], "examples/train_latent_diffit.py", ["--objective", "flow"]),
         ScriptCommand(block, [], "examples/evaluate.py", ["--pipeline", "p", "--num_samples", "0", "--reference", "r"]),
         ScriptCommand(block, ["accelerate", "launch", "--multi_gpus"], "examples/train_diffit.py", []),

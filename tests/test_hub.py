@@ -1,6 +1,5 @@
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image
 from diffit_diffusers.hub import (
     DIFFIT_TAGS,
     SAMPLE_GRID_FILENAME,
-    BackgroundHubUploader,
+    BackgroundHubUploads,
     create_model_card,
     push_folder_to_hub,
 )
@@ -180,84 +179,58 @@ def test_push_folder_to_hub_rejects_missing_and_empty_folders(tmp_path):
         push_folder_to_hub(tmp_path / "empty", REPO_ID)
 
 
-def test_background_uploader_survives_server_errors_and_retries_on_next_submit(hub_server, tmp_path, caplog):
+def test_background_uploads_survive_server_errors(hub_server, tmp_path, caplog):
     first = write_files(tmp_path / "first", checkpoint_files(step=1))
     second = write_files(tmp_path / "second", checkpoint_files(step=2))
     hub_server.fail_with = 500
-    uploader = BackgroundHubUploader(REPO_ID)
-
     with caplog.at_level(logging.WARNING, logger="diffit_diffusers.hub"):
-        assert uploader.submit(first, path_in_repo="step-1")
-        assert uploader.wait(timeout=30)
-
-    assert (uploader.failures, uploader.successes) == (1, 0)
-    assert "500" in uploader.last_error
+        uploads = BackgroundHubUploads(REPO_ID)  # the repo is created in the background: no error here
+        failed = uploads.upload(first, path_in_repo="step-1")
+        assert not uploads.wait(timeout=30)
+    assert failed.exception() is not None and uploads.failures == 2  # creating the repo, then the upload
+    assert "500" in uploads.last_error
     assert any(REPO_ID in record.message and "500" in record.message for record in caplog.records)
-    assert not hub_server.has_repo(REPO_ID)
+    assert not hub_server.has_repo(REPO_ID) and uploads.repo_id is None
 
     hub_server.fail_with = None
-    assert uploader.submit(second, path_in_repo="step-2")
-    assert uploader.close(timeout=30)
-
-    assert (uploader.failures, uploader.successes) == (1, 2)
-    assert hub_server.files(REPO_ID) == {
-        **{f"step-1/{path}": content for path, content in checkpoint_files(1).items()},
-        **{f"step-2/{path}": content for path, content in checkpoint_files(2).items()},
-    }
+    assert uploads.upload(second, path_in_repo="step-2").result(timeout=30).startswith("http")
+    assert uploads.repo_id == REPO_ID
+    assert hub_server.files(REPO_ID) == {f"step-2/{path}": content for path, content in checkpoint_files(2).items()}
 
 
-def test_background_uploader_survives_refused_connection_and_retries_on_close(hub_server, tmp_path, caplog):
+def test_background_uploads_to_an_unreachable_hub_only_warn(hub_server, tmp_path, caplog):
     folder = write_files(tmp_path / "checkpoint", checkpoint_files(step=5))
-    uploader = BackgroundHubUploader(REPO_ID, private=True)
-
     with point_huggingface_hub_at(FakeHubServer.refused_url(), cache_dir=tmp_path / "unused-cache"):
         with caplog.at_level(logging.WARNING, logger="diffit_diffusers.hub"):
-            assert uploader.submit(folder)
-            assert uploader.wait(timeout=30)
-
-    assert (uploader.failures, uploader.successes) == (1, 0)
-    assert "ConnectError" in uploader.last_error
-    assert any("ConnectError" in record.message for record in caplog.records)
-    assert "/api/repos/create" not in hub_server.request_paths()
-
-    assert uploader.close(timeout=30)
-    assert (uploader.failures, uploader.successes) == (1, 1)
-    assert hub_server.created_repos == [CreatedRepo(repo_id=REPO_ID, repo_type="model", private=True)]
-    assert hub_server.files(REPO_ID) == checkpoint_files(5)
+            uploads = BackgroundHubUploads("diffit-tiny", token="hf_fake", private=True)
+            future = uploads.upload(folder)
+            assert not uploads.wait(timeout=30)
+    assert "ConnectError" in uploads.last_error and "Connection refused" in str(future.exception())
+    assert uploads.repo_id is None and uploads.resolved_repo_id(timeout=1) == "diffit-tiny"
+    assert any("Creating the Hub repo 'diffit-tiny' failed" in record.message for record in caplog.records)
+    assert hub_server.request_paths() == []
 
 
-def test_background_uploader_uploads_the_folder_as_it_was_at_submit(hub_server, tmp_path):
-    folder = write_files(tmp_path / "checkpoint", checkpoint_files(step=1))
-
-    with BackgroundHubUploader(REPO_ID) as uploader:
-        uploader.submit(folder)
-        write_files(folder, {"model_index.json": b"{}", "late.txt": b"written after submit"})
-        (folder / "transformer" / "weights-1.bin").unlink()
-
-    assert uploader.successes == 1
-    assert hub_server.files(REPO_ID) == checkpoint_files(1)
+def test_background_uploads_resolve_a_bare_name_to_the_token_owner(hub_server, tmp_path):
+    uploads = BackgroundHubUploads("diffit-tiny", token="hf_fake", private=True)
+    assert uploads.resolved_repo_id() == "tester/diffit-tiny"
+    uploads.upload(write_files(tmp_path / "checkpoint", checkpoint_files(step=5))).result(timeout=30)
+    assert hub_server.created_repos == [CreatedRepo(repo_id="tester/diffit-tiny", repo_type="model", private=True)]
+    assert hub_server.files("tester/diffit-tiny") == checkpoint_files(5)
 
 
-def test_background_uploader_newer_submit_replaces_a_queued_one(hub_server, tmp_path, monkeypatch):
-    snapshot_parent = tmp_path / "snapshots"
-    snapshot_parent.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(snapshot_parent))
-    uploader = BackgroundHubUploader(REPO_ID)
-    folders = [write_files(tmp_path / f"step-{step}", checkpoint_files(step)) for step in (1, 2, 3)]
-
-    with hub_server.paused():
-        uploader.submit(folders[0], commit_message="step 1")
-        hub_server.wait_for_request("POST", "/api/repos/create")
-        uploader.submit(folders[1], commit_message="step 2")
-        uploader.submit(folders[2], commit_message="step 3")
-    assert uploader.close(timeout=30)
-
-    assert uploader.successes == 2
-    commits = hub_server.commits(REPO_ID)[1:]
-    assert [commit.summary for commit in commits] == ["step 1", "step 3"]
-    assert commits[0].files == checkpoint_files(1)
-    assert commits[1].files == {**checkpoint_files(1), **checkpoint_files(3)}
-    assert list(snapshot_parent.iterdir()) == []
+def test_background_uploads_leave_out_ignored_files_and_delete_private_copies(hub_server, tmp_path):
+    folder = write_files(tmp_path / "run", {**checkpoint_files(step=1), "checkpoint-1/optimizer.bin": b"state"})
+    copy = write_files(tmp_path / "copy", checkpoint_files(step=2))
+    uploads = BackgroundHubUploads(REPO_ID)
+    uploads.upload(folder, ignore_patterns=["checkpoint-*"], commit_message="final")
+    uploads.upload(copy, path_in_repo="step-2", delete_after=True)
+    assert uploads.wait(timeout=30)
+    files = hub_server.files(REPO_ID)
+    assert not any(name.startswith("checkpoint-") for name in files)
+    assert {name: files[name] for name in checkpoint_files(1)} == checkpoint_files(1)
+    assert "step-2/model_index.json" in files and not copy.exists()
+    assert [commit.summary for commit in hub_server.commits(REPO_ID)][1] == "final"
 
 
 def test_bare_repo_names_get_the_token_owners_namespace(hub_server, caplog):

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffit_diffusers import DiffiTPipeline
-from diffit_diffusers.training import TrainingConfig, build_objective, parse_config, train
+from diffit_diffusers.training import DataConfig, TrainingConfig, build_objective, parse_config, train
 from diffit_diffusers.training.cli import main_image
 from diffit_diffusers.training.objectives import LearnedSigmaObjective
 
@@ -80,10 +80,7 @@ def digits_args(tmp_path: Path, output: str = "run", **overrides) -> list[str]:
     }
     args = []
     for key, value in options.items():
-        if isinstance(value, bool):
-            args.append(f"--{key}" if value else f"--no-{key}")
-        else:
-            args += [f"--{key}", str(value)]
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return args
 
 
@@ -364,7 +361,10 @@ def test_failed_uploads_never_harm_training(tmp_path, hub_server, failure, caplo
 
 
 def test_training_config_validates_values():
+    digits = DataConfig(dataset_name="digits")
     with pytest.raises(ValueError, match="hub_push_training_state"):
-        TrainingConfig(dataset_name="digits", hub_push_training_state=True)
+        TrainingConfig(data=digits, hub_push_training_state=True)
     with pytest.raises(ValueError, match="ema_decay"):
-        TrainingConfig(dataset_name="digits", ema_decay=1.5)
+        TrainingConfig(data=digits, ema_decay=1.5)
+    with pytest.raises(TypeError, match="must be a DataConfig"):
+        TrainingConfig()

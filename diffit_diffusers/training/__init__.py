@@ -3,6 +3,7 @@
 from .data import (
     DIGITS_DATASET_NAME,
     DataConfig,
+    EpochSampler,
     ImageDataset,
     ImageTransform,
     ResumableLoader,
@@ -12,13 +13,14 @@ from .data import (
     load_training_dataset,
 )
 from .objectives import OBJECTIVES, DDPMObjective, EDMObjective, LearnedSigmaObjective, build_objective
-from .config import TrainingConfig, parse_config
+from .config import TrainingConfig, TrainingOptions, parse_config
 from .trainer import Trainer, train
 
 
 __all__ = [
     "DIGITS_DATASET_NAME",
     "DataConfig",
+    "EpochSampler",
     "ImageDataset",
     "ImageTransform",
     "ResumableLoader",
@@ -32,6 +34,7 @@ __all__ = [
     "LearnedSigmaObjective",
     "build_objective",
     "TrainingConfig",
+    "TrainingOptions",
     "parse_config",
     "Trainer",
     "train",

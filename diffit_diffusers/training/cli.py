@@ -1,4 +1,9 @@
-"""Command-line entry points behind ``examples/train_diffit.py`` and ``examples/train_latent_diffit.py``."""
+"""Command-line entry points behind ``examples/train_diffit.py`` and ``examples/train_latent_diffit.py``.
+
+Exit status: ``EXIT_OK`` (0) trained and saved; ``EXIT_ERROR`` (1) a problem found before or during training,
+reported as one ``error:`` line; 2 invalid flags (argparse's usage message); ``EXIT_HUB_PUSH_FAILED`` (3) trained
+and saved every local file, but the final ``--push_to_hub`` upload failed.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ from typing import Any
 from accelerate import PartialState
 
 from .config import parse_config
-from .trainer import train
+from .trainer import Trainer
 
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_HUB_PUSH_FAILED = 3
 
 IMAGE_DEFAULTS: dict[str, Any] = {"model_config": "tiny", "objective": "edm"}
 LATENT_DEFAULTS: dict[str, Any] = {
@@ -24,13 +33,22 @@ LATENT_DEFAULTS: dict[str, Any] = {
 def _run(argv: list[str] | None, description: str, defaults: dict[str, Any]) -> int:
     config = parse_config(argv, description, defaults)
     try:
-        output_dir = train(config)
-    except (FileNotFoundError, ValueError) as error:
+        trainer = Trainer(config)
+        output_dir = trainer.train()
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    if PartialState().is_main_process:
-        print(f"Saved the trained DiffiTPipeline to {output_dir}")
-    return 0
+        return EXIT_ERROR
+    if not PartialState().is_main_process:
+        return EXIT_OK
+    print(f"Saved the trained DiffiTPipeline to {output_dir}")
+    if trainer.hub_push_error is not None:
+        print(
+            f"error: the final push to the Hub failed ({trainer.hub_push_error}); every local file is saved in "
+            f"{output_dir}, upload it later with `hf upload <repo_id> {output_dir}`.",
+            file=sys.stderr,
+        )
+        return EXIT_HUB_PUSH_FAILED
+    return EXIT_OK
 
 
 def main_image(argv: list[str] | None = None) -> int:

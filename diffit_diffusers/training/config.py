@@ -1,39 +1,26 @@
-"""Training options: one dataclass, and the command-line parser generated from it."""
+"""Training options: one nested dataclass (data + training), parsed from flags and YAML/JSON files by transformers'
+``HfArgumentParser``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
+from transformers import HfArgumentParser
+
+from .data import DataConfig, _option as option
 from .objectives import OBJECTIVES
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass
-class TrainingConfig:
-    """Everything a DiffiT training run needs; ``examples/train_diffit.py`` and ``train_latent_diffit.py`` expose
-    each field as a ``--flag``."""
+class TrainingOptions:
+    """The options of a training run other than its data (see ``TrainingConfig``)."""
 
-    # Data
-    dataset_name: str | None = option(None, "Hub dataset id, local dataset path, or 'digits' (built in, offline)")
-    dataset_config_name: str | None = option(None, "configuration of a Hub dataset")
-    split: str = option("train", "dataset split to train on")
-    train_data_dir: str | None = option(None, "image folder; class sub-folders become labels")
-    image_column: str = option("image", "column holding the images")
-    label_column: str | None = option(None, "column holding class labels; omit for unconditional training")
-    resolution: int = option(32, "side of the square training images (pixels)")
-    center_crop: bool = option(True, "center crop after resizing (else a random crop)")
-    random_flip: bool = option(False, "random horizontal flips")
-    num_channels: int = option(3, "3 = RGB, 1 = grayscale")
-    streaming: bool = option(False, "stream the dataset instead of downloading it")
-    shuffle_buffer_size: int = option(1000, "shuffle buffer of a streamed dataset")
-    max_train_samples: int | None = option(None, "train on at most this many examples")
-    cache_dir: str | None = option(None, "datasets/Hub cache folder")
     # Model and objective
     model_config: str = option("tiny", "preset name (e.g. tiny, cifar10-32, DiffiT-B/2) or a config.json / folder")
     objective: str = option("edm", "training objective", choices=OBJECTIVES)
@@ -41,7 +28,7 @@ class TrainingConfig:
     vae: str | None = option(None, "AutoencoderKL folder or Hub id: train in its latent space")
     # Optimisation
     output_dir: str = option("diffit-output", "where checkpoints, logs and the final pipeline go")
-    seed: int = option(0, "random seed")
+    overwrite_output_dir: bool = option(False, "start afresh in an output folder that holds another run (deletes its checkpoints)")
     train_batch_size: int = option(16, "batch size per process")
     max_train_steps: int = option(1000, "optimiser steps")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step")
@@ -77,8 +64,8 @@ class TrainingConfig:
     hub_push_training_state: bool = option(False, "also push optimizer/RNG state, under training_state/")
 
     def __post_init__(self):
-        positive = ("resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps")
-        for name in positive + ("checkpointing_steps", "logging_steps", "num_validation_images", "num_inference_steps"):
+        positive = ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "checkpointing_steps")
+        for name in positive + ("logging_steps", "num_validation_images", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if self.validation_steps < 0:
@@ -95,32 +82,71 @@ class TrainingConfig:
             raise ValueError("`hub_push_training_state` needs `push_to_hub`.")
 
 
-def build_parser(description: str, defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
-    """A ``--flag`` per ``TrainingConfig`` field; booleans take ``--flag`` / ``--no-flag``."""
-    parser = argparse.ArgumentParser(description=description)
-    defaults = defaults or {}
-    for spec in dataclasses.fields(TrainingConfig):
-        default = defaults.get(spec.name, spec.default)
-        kwargs: dict[str, Any] = {"default": default, "help": f"{spec.metadata['help']} (default: {default})"}
-        annotation = spec.type
-        if annotation == "bool":
-            parser.add_argument(f"--{spec.name}", action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if "choices" in spec.metadata:
-            kwargs["choices"] = spec.metadata["choices"]
-        if annotation.startswith("int"):
-            kwargs["type"] = int
-        elif annotation.startswith("float"):
-            kwargs["type"] = float
-        parser.add_argument(f"--{spec.name}", **kwargs)
+@dataclass
+class TrainingConfig(TrainingOptions):
+    """Everything a DiffiT training run needs: `data` (a [`DataConfig`][diffit_diffusers.training.DataConfig]) and
+    the training options. ``examples/train_diffit.py`` and ``train_latent_diffit.py`` expose every field of both as a
+    ``--flag`` (see ``parse_config``).
+
+    Example:
+        ```py
+        config = TrainingConfig(data=DataConfig(dataset_name="digits", resolution=8), max_train_steps=100)
+        ```
+    """
+
+    data: DataConfig = field(default=None, kw_only=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.data, DataConfig):
+            raise TypeError(f"`data` must be a DataConfig, got {type(self.data).__name__}.")
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (``data.seed``): data order, crops and flips, initialisation and noise."""
+        return self.data.seed
+
+    def options(self) -> dict[str, Any]:
+        """Every option as one flat mapping (data fields and training fields), e.g. for experiment trackers."""
+        flat = {spec.name: getattr(self, spec.name) for spec in dataclasses.fields(TrainingOptions)}
+        return {**dataclasses.asdict(self.data), **flat}
+
+
+def build_parser(description: str, defaults: dict[str, Any] | None = None) -> HfArgumentParser:
+    """An ``HfArgumentParser`` with a ``--flag`` per ``DataConfig`` and ``TrainingOptions`` field (booleans take
+    ``--flag``, ``--flag false`` or ``--no_flag``) and ``--config file.yaml|json`` whose values the flags override."""
+    parser = HfArgumentParser((DataConfig, TrainingOptions), description=description)
+    parser.add_argument("--config", default=None, help="YAML or JSON file of options; flags given as well win")
+    parser.set_defaults(**(defaults or {}))
     return parser
 
 
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The options of a YAML or JSON file, checked against the flags the parser knows."""
+    file = Path(path)
+    if not file.is_file():
+        parser.error(f"--config {path!r} does not exist.")
+    values = json.loads(file.read_text()) if file.suffix == ".json" else yaml.safe_load(file.read_text())
+    if not isinstance(values, dict):
+        parser.error(f"--config {path!r} must hold a mapping of option names to values.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path!r} has unknown options {unknown}; `--help` lists them.")
+    return values
+
+
 def parse_config(argv: list[str] | None, description: str, defaults: dict[str, Any] | None = None) -> TrainingConfig:
-    """Parse command-line flags into a ``TrainingConfig``; invalid values exit with argparse's usage message."""
+    """Parse flags (and a ``--config`` file) into a ``TrainingConfig``; invalid values exit with the usage message.
+
+    Precedence, lowest first: the dataclass defaults, ``defaults`` (per script), the ``--config`` file, the flags.
+    """
     parser = build_parser(description, defaults)
-    args = parser.parse_args(argv)
+    known, _ = parser.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**read_config_file(known.config, parser))
     try:
-        return TrainingConfig(**vars(args))
+        data, options, _ = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+        return TrainingConfig(data=data, **{spec.name: getattr(options, spec.name) for spec in dataclasses.fields(options)})
     except ValueError as error:
         parser.error(str(error))

@@ -14,7 +14,7 @@ import copy
 import logging
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -24,6 +24,7 @@ import numpy as np
 import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
+from huggingface_hub import constants as hub_constants
 
 from ..dataset_sources import looks_like_local_path, select_split
 
@@ -46,6 +47,11 @@ _RAW_IMAGE_FEATURE = datasets.Image(decode=False)
 _IMAGE_DECODER = datasets.Image()
 
 UnreadableImageCallback = Callable[[str, Exception], None]
+
+
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with the `--help` text (and argparse settings such as `choices`) its flag shows."""
+    return field(default=default, metadata={"help": help, **metadata})
 
 
 @dataclass
@@ -78,23 +84,26 @@ class DataConfig:
             Train on at most this many examples: a seeded random subset for map-style datasets, the first ones of
             the stream when streaming.
         cache_dir (`str`, *optional*): The `datasets` cache folder.
+        dataloader_num_workers (`int`, defaults to 0):
+            Worker processes of the `DataLoader` that decode and transform images (0 = in the training process).
     """
 
-    dataset_name: Optional[str] = None
-    dataset_config_name: Optional[str] = None
-    split: str = "train"
-    train_data_dir: Optional[str] = None
-    image_column: str = "image"
-    label_column: Optional[str] = None
-    resolution: int = 32
-    center_crop: bool = True
-    random_flip: bool = False
-    num_channels: int = 3
-    streaming: bool = False
-    shuffle_buffer_size: int = 1000
-    seed: int = 0
-    max_train_samples: Optional[int] = None
-    cache_dir: Optional[str] = None
+    dataset_name: Optional[str] = _option(None, "Hub dataset id, local dataset path, or 'digits' (built in, offline)")
+    dataset_config_name: Optional[str] = _option(None, "configuration of a Hub dataset")
+    split: str = _option("train", "dataset split to train on")
+    train_data_dir: Optional[str] = _option(None, "image folder; class sub-folders become labels")
+    image_column: str = _option("image", "column holding the images")
+    label_column: Optional[str] = _option(None, "column holding class labels; omit for unconditional training")
+    resolution: int = _option(32, "side of the square training images (pixels)")
+    center_crop: bool = _option(True, "center crop after resizing (else a random crop)")
+    random_flip: bool = _option(False, "random horizontal flips")
+    num_channels: int = _option(3, "3 = RGB, 1 = grayscale")
+    streaming: bool = _option(False, "stream the dataset instead of downloading it")
+    shuffle_buffer_size: int = _option(1000, "examples shuffled together (one block) when streaming")
+    seed: int = _option(0, "seed of the run: shuffling, crops and flips, initialisation and noise")
+    max_train_samples: Optional[int] = _option(None, "train on at most this many examples")
+    cache_dir: Optional[str] = _option(None, "datasets/Hub cache folder")
+    dataloader_num_workers: int = _option(0, "DataLoader worker processes decoding and transforming images")
 
     def __post_init__(self):
         if self.dataset_name is None and self.train_data_dir is None:
@@ -112,6 +121,8 @@ class DataConfig:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"`max_train_samples` must be a positive integer or None, got {self.max_train_samples}.")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"`dataloader_num_workers` must be >= 0, got {self.dataloader_num_workers}.")
         if self.seed < 0:
             raise ValueError(f"`seed` must be a non-negative integer, got {self.seed}.")
         _image_mode(self.num_channels)
@@ -241,7 +252,15 @@ def _load_source(config: DataConfig) -> tuple[Union[datasets.Dataset, datasets.I
             f"`dataset_name` {name!r} looks like a local path but nothing exists at {str(path.resolve())!r}; "
             f"expected a {' or '.join(_DATA_FILE_BUILDERS)} file or a dataset folder."
         )
-    return datasets.load_dataset(name, config.dataset_config_name, **load_kwargs), source_name
+    try:
+        return datasets.load_dataset(name, config.dataset_config_name, **load_kwargs), source_name
+    except (ConnectionError, FileNotFoundError) as error:
+        if not datasets.config.HF_HUB_OFFLINE and not hub_constants.HF_HUB_OFFLINE:
+            raise
+        raise ValueError(
+            f"Cannot load the Hub dataset {name!r}: the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the "
+            "local cache; run once online to cache it, or pass a local dataset path or --train_data_dir."
+        ) from error
 
 
 def _resolve_image_column(features: datasets.Features, image_column: str, source_name: str) -> str:
@@ -396,14 +415,17 @@ class ImageDataset(_ImageExamples, torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """The example at `index`, with the crops and flips of `epoch` when `key` is `(epoch, index)` (else of the
+        epoch set with `set_epoch`)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         if not -len(self) <= index < len(self):
             raise IndexError(f"Index {index} out of range for a dataset of {len(self)} examples.")
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
             if candidate in self._unreadable_indices:
                 continue
-            generator = _derive_generator(self.seed, self.epoch, candidate)
+            generator = _derive_generator(self.seed, epoch, candidate)
             example = self._make_example(self.hf_dataset[candidate], generator, f"row {candidate}")
             if example is not None:
                 return example
@@ -500,6 +522,9 @@ class StreamingImageDataset(_ImageExamples, torch.utils.data.IterableDataset):
         if self._block_start_state is not None:
             stream.load_state_dict(self._block_start_state)
         raw_examples = iter(stream)
+        # With DataLoader workers each worker reads its own shards (`datasets` splits them) and shuffles its blocks.
+        worker = torch.utils.data.get_worker_info()
+        key = (self.process_index,) if worker is None else (self.process_index, worker.num_workers, worker.id)
         found_usable_image = False
         while True:
             with _without_buffer_refill_warning():
@@ -509,11 +534,11 @@ class StreamingImageDataset(_ImageExamples, torch.utils.data.IterableDataset):
             next_block_start_state = stream.state_dict()
             block_index = self._block_index
             order = torch.randperm(
-                len(block), generator=_derive_generator(self.seed, self.process_index, epoch, block_index)
+                len(block), generator=_derive_generator(self.seed, *key, epoch, block_index)
             ).tolist()
             for position in range(self._block_offset, len(block)):
                 self._block_offset = position + 1
-                generator = _derive_generator(self.seed, self.process_index, epoch, block_index, position)
+                generator = _derive_generator(self.seed, *key, epoch, block_index, position)
                 where = f"example {position} of block {block_index} (epoch {epoch}, process {self.process_index})"
                 example = self._make_example(block[order[position]], generator, where)
                 if example is not None:
@@ -531,7 +556,7 @@ def _check_state_matches(state_dict: dict[str, Any], **expected: Any) -> None:
         if state_dict.get(key) != value:
             raise ValueError(
                 f"Cannot restore a data loader state saved with {key}={state_dict.get(key)!r} into one with "
-                f"{key}={value!r}; resume with the same data settings, process count and process index."
+                f"{key}={value!r}; resume with the same data settings, batch size, process count, process index and DataLoader workers."
             )
 
 
@@ -570,10 +595,23 @@ def load_training_dataset(
     if isinstance(dataset, datasets.IterableDataset):
         if config.max_train_samples is not None:
             dataset = dataset.take(config.max_train_samples)
+        # `datasets` gives each process whole shards when they divide evenly, else every shard to every process
+        # (which then takes every n-th example); DataLoader workers of a process always need whole shards.
+        shards = dataset.num_shards
+        shards_per_process = shards // num_processes if shards % num_processes == 0 else shards
+        workers = max(config.dataloader_num_workers, 1)
+        if shards_per_process < workers:
+            raise ValueError(
+                f"{source_name} streams as {shards} shard(s), {shards_per_process} per process: fewer than the "
+                f"{workers} DataLoader workers that would read them; lower `dataloader_num_workers` to at most "
+                f"{shards_per_process}, or turn off streaming."
+            )
         # A one-example buffer: `datasets` shuffles the shards and interleaves up to 10 of them (its default), the
         # blocks shuffle the examples. A single shard is not interleaved: that would only add `datasets`' 5 s
-        # pause at the end of every pass over a parquet stream.
-        interleaved_shards = min(_MAX_INTERLEAVED_SHARDS, dataset.num_shards)
+        # pause at the end of every pass over a parquet stream. Each worker interleaves as many shards as the
+        # smallest share holds, so the stream position `datasets` saves in a worker has the structure of the
+        # stream it is restored into.
+        interleaved_shards = min(_MAX_INTERLEAVED_SHARDS, shards_per_process // workers)
         dataset = dataset.shuffle(seed=config.seed, buffer_size=1, max_buffer_input_shards=interleaved_shards)
         return StreamingImageDataset(dataset, shuffle_buffer_size=config.shuffle_buffer_size, **common)
     if len(dataset) == 0:
@@ -588,89 +626,177 @@ def collate_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch
     return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
 
 
-class ResumableLoader:
-    """An endless stream of batches from one process's share of a training dataset, with exact resume.
+class EpochSampler(torch.utils.data.Sampler):
+    """Endless `(epoch, index)` keys of a map-style dataset for one process, exactly resumable.
 
-    For an [`ImageDataset`][diffit_diffusers.training.ImageDataset] each epoch visits a permutation seeded by `(seed, epoch)`, of which process `r` of
-    `w` takes positions `r, r + w, ...`; the state is the epoch and the position in it. For a
-    [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] the state is the dataset's own. Batches run across epoch boundaries. Restoring
-    `state_dict()` into a loader built the same way yields exactly the batches that would have followed.
-
-    The state belongs to one process: with several processes, save and restore each process's state.
+    Each epoch visits a permutation of `range(num_examples)` seeded by `(seed, epoch)`, of which process `r` of `w`
+    takes positions `r, r + w, ...`; epochs follow each other without end. The state is the epoch and the position
+    in it (torchdata's `StatefulDataLoader` saves and restores it).
     """
 
-    def __init__(self, dataset: Union[ImageDataset, StreamingImageDataset], batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self._examples: Optional[Iterator[dict[str, torch.Tensor]]] = None
-        if isinstance(dataset, ImageDataset):
-            self._position = 0
-            self._set_epoch(0)
+    def __init__(self, num_examples: int, *, seed: int, process_index: int = 0, num_processes: int = 1):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.epoch, self.position = 0, 0
 
-    @property
-    def epoch(self) -> int:
-        """The epoch the next example comes from."""
-        return self.dataset.epoch
+    def indices(self, epoch: int) -> list[int]:
+        """This process's share of the permutation of `epoch`."""
+        permutation = torch.randperm(self.num_examples, generator=_derive_generator(self.seed, epoch))
+        return permutation[self.process_index :: self.num_processes].tolist()
 
-    def _set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-        permutation = torch.randperm(len(self.dataset), generator=_derive_generator(self.dataset.seed, epoch))
-        self._indices = permutation[self.dataset.process_index :: self.dataset.num_processes].tolist()
-        if not self._indices:
-            raise ValueError(
-                f"{self.dataset.source_name} has {len(self.dataset)} example(s), fewer than the "
-                f"{self.dataset.num_processes} processes; process {self.dataset.process_index} would get none."
-            )
-
-    def _next_example(self) -> dict[str, torch.Tensor]:
-        if isinstance(self.dataset, ImageDataset):
-            if self._position == len(self._indices):
-                self._set_epoch(self.epoch + 1)
-                self._position = 0
-            example = self.dataset[self._indices[self._position]]
-            self._position += 1
-            return example
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         while True:
-            if self._examples is None:
-                self._examples = iter(self.dataset)
-            example = next(self._examples, None)
-            if example is not None:
-                return example
-            self._examples = None
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        """The next `{"pixel_values": (B, C, H, W), "class_labels": (B,)}` batch (labels only when labeled)."""
-        return collate_examples([self._next_example() for _ in range(self.batch_size)])
+            indices = self.indices(self.epoch)
+            while self.position < len(indices):
+                index = indices[self.position]
+                self.position += 1
+                yield self.epoch, index
+            self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The loader's position (JSON-serializable)."""
-        if isinstance(self.dataset, StreamingImageDataset):
-            return self.dataset.state_dict()
         return {
             "kind": "map",
             "epoch": self.epoch,
-            "position": self._position,
-            "seed": self.dataset.seed,
-            "num_examples": len(self.dataset),
-            "process_index": self.dataset.process_index,
-            "num_processes": self.dataset.num_processes,
+            "position": self.position,
+            "seed": self.seed,
+            "num_examples": self.num_examples,
+            "process_index": self.process_index,
+            "num_processes": self.num_processes,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores a position saved by `state_dict()`."""
-        self._examples = None
-        if isinstance(self.dataset, StreamingImageDataset):
-            self.dataset.load_state_dict(state_dict)
-            return
         _check_state_matches(
             state_dict,
             kind="map",
-            seed=self.dataset.seed,
-            num_examples=len(self.dataset),
-            process_index=self.dataset.process_index,
-            num_processes=self.dataset.num_processes,
+            seed=self.seed,
+            num_examples=self.num_examples,
+            process_index=self.process_index,
+            num_processes=self.num_processes,
         )
-        self._set_epoch(state_dict["epoch"])
-        self._position = state_dict["position"]
+        self.epoch, self.position = state_dict["epoch"], state_dict["position"]
+
+
+class _EndlessStream(torch.utils.data.IterableDataset):
+    """A `StreamingImageDataset` read epoch after epoch without end (in whichever process iterates it)."""
+
+    def __init__(self, dataset: "StreamingImageDataset"):
+        self.dataset = dataset
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield from self.dataset
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state_dict)
+
+
+class _CountingCollate:
+    """`collate_examples` plus the number of images the (worker's) dataset skipped since the previous batch."""
+
+    def __init__(self, dataset: _ImageExamples):
+        self.dataset = dataset
+        self.reported = 0
+
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        batch = collate_examples(examples)
+        batch[_SKIPPED_KEY] = torch.tensor(self.dataset.skipped_images - self.reported)
+        self.reported = self.dataset.skipped_images
+        return batch
+
+
+_SKIPPED_KEY = "_skipped_images"
+
+
+class ResumableLoader:
+    """An endless stream of batches from one process's share of a training dataset, with exact resume.
+
+    A torchdata `StatefulDataLoader` with `num_workers` worker processes decodes, transforms and collates the
+    examples (unreadable images are skipped and counted in the workers). For an
+    [`ImageDataset`][diffit_diffusers.training.ImageDataset] an [`EpochSampler`][diffit_diffusers.training.EpochSampler]
+    picks the examples: each epoch a permutation seeded by `(seed, epoch)`, of which process `r` of `w` takes
+    positions `r, r + w, ...`. A [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] is read
+    epoch after epoch; with workers, each worker reads its own shards and block-shuffles them. Batches run across
+    epoch boundaries. Restoring `state_dict()` into a loader built the same way (same `num_workers`) yields exactly
+    the batches that would have followed.
+
+    The state belongs to one process: with several processes, save and restore each process's state.
+
+    Attributes:
+        skipped_images (`int`): Unreadable images skipped so far to build the batches returned (all workers).
+    """
+
+    def __init__(self, dataset: Union[ImageDataset, StreamingImageDataset], batch_size: int, num_workers: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"`num_workers` must be >= 0, got {num_workers}.")
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.skipped_images = 0
+        loader_kwargs = {
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "collate_fn": _CountingCollate(dataset),
+            "persistent_workers": num_workers > 0,
+            "prefetch_factor": 2 if num_workers > 0 else None,
+            # Its own generator: starting to iterate must not draw from the global RNG that the training
+            # objective uses (and checkpoints restore), or a resumed run would see other noise.
+            "generator": torch.Generator().manual_seed(dataset.seed),
+        }
+        if isinstance(dataset, ImageDataset):
+            self.sampler = EpochSampler(
+                len(dataset), seed=dataset.seed, process_index=dataset.process_index, num_processes=dataset.num_processes
+            )
+            if not self.sampler.indices(0):
+                raise ValueError(
+                    f"{dataset.source_name} has {len(dataset)} example(s), fewer than the {dataset.num_processes} "
+                    f"processes; process {dataset.process_index} would get none."
+                )
+            self.loader = StatefulDataLoader(dataset, sampler=self.sampler, **loader_kwargs)
+        else:
+            self.loader = StatefulDataLoader(_EndlessStream(dataset), **loader_kwargs)
+        self._batches: Optional[Iterator[dict[str, torch.Tensor]]] = None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next `{"pixel_values": (B, C, H, W), "class_labels": (B,)}` batch (labels only when labeled)."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        batch = next(self._batches)
+        self.skipped_images += int(batch.pop(_SKIPPED_KEY))
+        return batch
+
+    def _settings(self) -> dict[str, Any]:
+        """What a saved position is only valid for."""
+        dataset = self.dataset
+        settings = {
+            "kind": "map" if isinstance(dataset, ImageDataset) else "streaming",
+            "seed": dataset.seed,
+            "process_index": dataset.process_index,
+            "num_processes": dataset.num_processes,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+        }
+        if isinstance(dataset, ImageDataset):
+            settings["num_examples"] = len(dataset)
+        else:
+            settings["shuffle_buffer_size"] = dataset.shuffle_buffer_size
+        return settings
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's position after the last returned batch (JSON-serializable)."""
+        return {**self._settings(), "loader": self.loader.state_dict(), "skipped_images": self.skipped_images}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores a position saved by `state_dict()` (call it before the first `next_batch`)."""
+        _check_state_matches(state_dict, **self._settings())
+        self._batches = None
+        self.loader.load_state_dict(state_dict["loader"])
+        self.skipped_images = state_dict["skipped_images"]

@@ -16,16 +16,14 @@ from PIL import Image
 
 from ..pipelines import DiffiTPipeline
 from .config import TrainingConfig
+from .data import DataConfig
 from .trainer import train
 
 
 def demo_config(output_dir: str, max_train_steps: int) -> TrainingConfig:
     """The demo's training run: the ``tiny`` U-Net preset, EDM, 16x16 grayscale digits with labels."""
     return TrainingConfig(
-        dataset_name="digits",
-        label_column="label",
-        resolution=16,
-        num_channels=1,
+        data=DataConfig(dataset_name="digits", label_column="label", resolution=16, num_channels=1),
         model_config="tiny",
         objective="edm",
         output_dir=output_dir,
