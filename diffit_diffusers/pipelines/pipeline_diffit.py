@@ -40,6 +40,10 @@ SUPPORTED_SCHEDULERS = tuple(member.name for member in KarrasDiffusionSchedulers
 class DiffiTPipeline(DiffusionPipeline):
     r"""Generate images with a DiffiT denoiser and any diffusers scheduler.
 
+    ``from_pretrained`` is diffusers' ``DiffusionPipeline.from_pretrained`` with all its keywords (``variant``,
+    ``dtype`` per component, ``device_map``, ``quantization_config``, component overrides, Hub options) and runs
+    no code from the folder; ``from_single_file`` builds the released sampling setup around an NVIDIA checkpoint.
+
     Parameters:
         denoiser: a ``DiffiTUNet2DModel`` (image space) or ``DiffiTTransformer2DModel`` (latent space with a VAE).
         scheduler: any ``KarrasDiffusionSchedulers`` member or an EDM scheduler.
