@@ -6,6 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -217,6 +218,11 @@ def test_hub_loading_keywords(saved, tmp_path, hub_server):
     )
     assert len(hub_server.requests) == requests_before
     np.testing.assert_array_equal(sample(quiet_loaded(offline)), expected)
+    with pytest.MonkeyPatch.context() as patch:  # HF_HUB_OFFLINE=1 reads the same files from the cache
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        env_offline = DiffiTPipeline.from_pretrained(REPO_ID, revision=first_commit, cache_dir=cache, variant="fp16")
+    assert len(hub_server.requests) == requests_before
+    np.testing.assert_array_equal(sample(quiet_loaded(env_offline)), expected)
 
     scheduler = DDIMScheduler()
     requests_before = len(hub_server.requests)
