@@ -80,7 +80,7 @@ def _write_card(folder: Path, info: dict, repo_id: str | None) -> None:
     DatasetCard(text).save(folder / "README.md")
 
 
-def precompute_latents(data: DataConfig, options: LatentCachingOptions) -> Path:
+def compute_latents_dataset(data: DataConfig, options: LatentCachingOptions) -> Path:
     """Encode the images `data` describes into a latents dataset in `options.output_dir`; returns that folder.
 
     Run it under `accelerate launch` to split the shards over processes; rerun it to finish an interrupted run.
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     try:
-        output_dir = precompute_latents(data, options)
+        output_dir = compute_latents_dataset(data, options)
     except (FileNotFoundError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
