@@ -24,6 +24,9 @@ setup(
         "Pillow>=9.0",
         "tqdm>=4.60",
         "pyyaml>=6.0",
+        # Training: options parsed by HfArgumentParser, batches from torchdata's StatefulDataLoader.
+        "transformers>=4.41,<6",
+        "torchdata>=0.8,<0.12",
     ],
     extras_require={
         "train": ["tensorboard>=2.14", "scikit-learn>=1.3"],

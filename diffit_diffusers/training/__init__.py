@@ -1,4 +1,4 @@
-"""Training DiffiT with accelerate: data loading, objectives, the training loop and its command line."""
+"""Training DiffiT with accelerate: data loading, cached latents, objectives, the training loop and its command line."""
 
 from .data import (
     DIGITS_DATASET_NAME,
@@ -8,13 +8,17 @@ from .data import (
     ImageTransform,
     ResumableLoader,
     StreamingImageDataset,
+    UNREADABLE_IMAGE_ERRORS,
     collate_examples,
+    decode_and_transform,
     load_digits_dataset,
     load_training_dataset,
 )
 from .objectives import OBJECTIVES, DDPMObjective, EDMObjective, LearnedSigmaObjective, build_objective
 from .config import TrainingConfig, TrainingOptions, parse_config
 from .trainer import Trainer, train
+from .latents import LatentDataset, StreamingLatentDataset, load_latents_dataset, read_latents_info
+from .precompute_latents import LatentCachingOptions, compute_latents_dataset
 
 
 __all__ = [
@@ -25,7 +29,9 @@ __all__ = [
     "ImageTransform",
     "ResumableLoader",
     "StreamingImageDataset",
+    "UNREADABLE_IMAGE_ERRORS",
     "collate_examples",
+    "decode_and_transform",
     "load_digits_dataset",
     "load_training_dataset",
     "OBJECTIVES",
@@ -38,4 +44,10 @@ __all__ = [
     "parse_config",
     "Trainer",
     "train",
+    "LatentDataset",
+    "StreamingLatentDataset",
+    "load_latents_dataset",
+    "read_latents_info",
+    "LatentCachingOptions",
+    "compute_latents_dataset",
 ]

@@ -42,7 +42,7 @@ _STREAMING_NUM_SHARDS = 16
 # Shards read in turn to fill the shuffle blocks of a stream.
 _MAX_INTERLEAVED_SHARDS = 10
 # What PIL and `datasets` raise for undecodable bytes, truncated files, missing files or empty image cells.
-_UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, PIL.Image.DecompressionBombError)
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, PIL.Image.DecompressionBombError)
 _RAW_IMAGE_FEATURE = datasets.Image(decode=False)
 _IMAGE_DECODER = datasets.Image()
 
@@ -86,6 +86,9 @@ class DataConfig:
         cache_dir (`str`, *optional*): The `datasets` cache folder.
         dataloader_num_workers (`int`, defaults to 0):
             Worker processes of the `DataLoader` that decode and transform images (0 = in the training process).
+        latents_dataset (`str`, *optional*):
+            Cached VAE latents written by `python -m diffit_diffusers.training.precompute_latents` (a folder or a
+            Hub dataset id), instead of images: training then runs no VAE encoder.
     """
 
     dataset_name: Optional[str] = _option(None, "Hub dataset id, local dataset path, or 'digits' (built in, offline)")
@@ -104,18 +107,24 @@ class DataConfig:
     max_train_samples: Optional[int] = _option(None, "train on at most this many examples")
     cache_dir: Optional[str] = _option(None, "datasets/Hub cache folder")
     dataloader_num_workers: int = _option(0, "DataLoader worker processes decoding and transforming images")
+    latents_dataset: Optional[str] = _option(
+        None, "cached VAE latents (folder or Hub dataset) from `python -m diffit_diffusers.training.precompute_latents`"
+    )
 
     def __post_init__(self):
-        if self.dataset_name is None and self.train_data_dir is None:
+        sources = {
+            name: getattr(self, name)
+            for name in ("dataset_name", "train_data_dir", "latents_dataset")
+            if getattr(self, name) is not None
+        }
+        if not sources:
             raise ValueError(
                 "No training data given: set `dataset_name` (a Hub dataset id, a local dataset path or "
-                f"'{DIGITS_DATASET_NAME}') or `train_data_dir` (an image folder)."
+                f"'{DIGITS_DATASET_NAME}'), `train_data_dir` (an image folder) or `latents_dataset` (cached latents)."
             )
-        if self.dataset_name is not None and self.train_data_dir is not None:
-            raise ValueError(
-                f"Both `dataset_name` ({self.dataset_name!r}) and `train_data_dir` ({self.train_data_dir!r}) are "
-                "set; set only one of them."
-            )
+        if len(sources) > 1:
+            given = " and ".join(f"`{name}` ({value!r})" for name, value in sources.items())
+            raise ValueError(f"Both {given} are set; set only one of them.")
         for name in ("resolution", "shuffle_buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
@@ -319,6 +328,18 @@ def _prepare_columns(
     return dataset, image_column, class_names
 
 
+def decode_and_transform(
+    cell: Any, transform: ImageTransform, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Decode one image cell of a `datasets` table (`{"bytes": ..., "path": ...}`, a path, or a PIL image) and turn
+    it into a `(C, H, W)` tensor in [-1, 1] with `transform`; an unreadable image raises one of
+    `UNREADABLE_IMAGE_ERRORS`. This is the per-image work the DataLoader workers do."""
+    image = cell if isinstance(cell, PIL.Image.Image) else _IMAGE_DECODER.decode_example(
+        {"path": cell, "bytes": None} if isinstance(cell, str) else cell
+    )
+    return transform(image, generator)
+
+
 class _ImageExamples:
     """What map-style and streaming datasets share: decoding, transforms, labels and unreadable-image accounting.
 
@@ -359,13 +380,13 @@ class _ImageExamples:
     def _make_example(
         self, row: dict[str, Any], generator: torch.Generator, where: str
     ) -> Optional[dict[str, torch.Tensor]]:
-        """Decodes and transforms one raw row; returns `None` (after reporting it) when the image is unreadable."""
-        cell = row[self.image_column]
+        """Turns one raw row into an example; returns `None` (after reporting it) when its image is unreadable."""
         try:
-            image = _IMAGE_DECODER.decode_example(cell)
-        except _UNREADABLE_IMAGE_ERRORS as error:
+            example = self._example_values(row, generator)
+        except UNREADABLE_IMAGE_ERRORS as error:
             self.skipped_images += 1
-            description = f"{where} ({cell['path']})" if cell and cell["path"] else where
+            cell = row.get(self.image_column)
+            description = f"{where} ({cell['path']})" if isinstance(cell, dict) and cell.get("path") else where
             logger.warning(
                 f"Skipping unreadable image {description} in column {self.image_column!r} of {self.source_name}: "
                 f"{error} ({self.skipped_images} skipped so far)."
@@ -373,9 +394,9 @@ class _ImageExamples:
             if self.on_unreadable_image is not None:
                 self.on_unreadable_image(description, error)
             return None
-        example = {"pixel_values": self.transform(image, generator)}
         if self.label_column is not None:
             label = row[self.label_column]
+            label = None if label is None else int(label)
             if label is None or not 0 <= label < self.num_classes:
                 raise ValueError(
                     f"{where} of {self.source_name} has label {label!r} in column {self.label_column!r}, outside "
@@ -383,6 +404,9 @@ class _ImageExamples:
                 )
             example["class_labels"] = torch.tensor(label, dtype=torch.long)
         return example
+
+    def _example_values(self, row: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"pixel_values": decode_and_transform(row[self.image_column], self.transform, generator)}
 
     def _no_usable_image_error(self) -> ValueError:
         share = f" for process {self.process_index} of {self.num_processes}" if self.num_processes > 1 else ""
@@ -560,6 +584,34 @@ def _check_state_matches(state_dict: dict[str, Any], **expected: Any) -> None:
             )
 
 
+def prepare_stream(
+    dataset: datasets.IterableDataset, config: DataConfig, num_processes: int, source_name: str
+) -> datasets.IterableDataset:
+    """Limits a stream to `max_train_samples`, checks that every DataLoader worker gets whole shards and shuffles
+    the shard order (the examples are shuffled later, in blocks)."""
+    if config.max_train_samples is not None:
+        dataset = dataset.take(config.max_train_samples)
+    # `datasets` gives each process whole shards when they divide evenly, else every shard to every process
+    # (which then takes every n-th example); DataLoader workers of a process always need whole shards.
+    shards = dataset.num_shards
+    shards_per_process = shards // num_processes if shards % num_processes == 0 else shards
+    workers = max(config.dataloader_num_workers, 1)
+    if shards_per_process < workers:
+        raise ValueError(
+            f"{source_name} streams as {shards} shard(s), {shards_per_process} per process: fewer than the "
+            f"{workers} DataLoader workers that would read them; lower `dataloader_num_workers` to at most "
+            f"{shards_per_process}, or turn off streaming."
+        )
+    # A one-example buffer: `datasets` shuffles the shards and interleaves up to 10 of them (its default), the
+    # blocks shuffle the examples. A single shard is not interleaved: that would only add `datasets`' 5 s
+    # pause at the end of every pass over a parquet stream. Each worker interleaves as many shards as the
+    # smallest share holds, so the stream position `datasets` saves in a worker has the structure of the
+    # stream it is restored into.
+    interleaved_shards = min(_MAX_INTERLEAVED_SHARDS, shards_per_process // workers)
+    dataset = dataset.shuffle(seed=config.seed, buffer_size=1, max_buffer_input_shards=interleaved_shards)
+    return dataset
+
+
 def load_training_dataset(
     config: DataConfig,
     *,
@@ -567,7 +619,8 @@ def load_training_dataset(
     num_processes: int = 1,
     on_unreadable_image: Optional[UnreadableImageCallback] = None,
 ) -> Union[ImageDataset, StreamingImageDataset]:
-    """Loads the training images described by `config` for process `process_index` of `num_processes`.
+    """Loads the training images (or, with `config.latents_dataset`, the cached latents, see
+    `load_latents_dataset`) described by `config` for process `process_index` of `num_processes`.
 
     Returns an [`ImageDataset`][diffit_diffusers.training.ImageDataset] (map-style, every example visible to every process) or, when `config.streaming`,
     a [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] holding this process's share of the stream. `on_unreadable_image(description,
@@ -577,6 +630,10 @@ def load_training_dataset(
         raise ValueError(
             f"`process_index` must be in 0..{num_processes - 1} for {num_processes} process(es), got {process_index}."
         )
+    if config.latents_dataset is not None:
+        from .latents import load_latents_dataset
+
+        return load_latents_dataset(config, process_index=process_index, num_processes=num_processes)
     dataset, source_name = _load_source(config)
     if config.streaming and isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset(num_shards=min(_STREAMING_NUM_SHARDS, max(1, len(dataset))))
@@ -593,26 +650,7 @@ def load_training_dataset(
         "on_unreadable_image": on_unreadable_image,
     }
     if isinstance(dataset, datasets.IterableDataset):
-        if config.max_train_samples is not None:
-            dataset = dataset.take(config.max_train_samples)
-        # `datasets` gives each process whole shards when they divide evenly, else every shard to every process
-        # (which then takes every n-th example); DataLoader workers of a process always need whole shards.
-        shards = dataset.num_shards
-        shards_per_process = shards // num_processes if shards % num_processes == 0 else shards
-        workers = max(config.dataloader_num_workers, 1)
-        if shards_per_process < workers:
-            raise ValueError(
-                f"{source_name} streams as {shards} shard(s), {shards_per_process} per process: fewer than the "
-                f"{workers} DataLoader workers that would read them; lower `dataloader_num_workers` to at most "
-                f"{shards_per_process}, or turn off streaming."
-            )
-        # A one-example buffer: `datasets` shuffles the shards and interleaves up to 10 of them (its default), the
-        # blocks shuffle the examples. A single shard is not interleaved: that would only add `datasets`' 5 s
-        # pause at the end of every pass over a parquet stream. Each worker interleaves as many shards as the
-        # smallest share holds, so the stream position `datasets` saves in a worker has the structure of the
-        # stream it is restored into.
-        interleaved_shards = min(_MAX_INTERLEAVED_SHARDS, shards_per_process // workers)
-        dataset = dataset.shuffle(seed=config.seed, buffer_size=1, max_buffer_input_shards=interleaved_shards)
+        dataset = prepare_stream(dataset, config, num_processes, source_name)
         return StreamingImageDataset(dataset, shuffle_buffer_size=config.shuffle_buffer_size, **common)
     if len(dataset) == 0:
         raise ValueError(f"{source_name} has no examples in split {config.split!r}.")

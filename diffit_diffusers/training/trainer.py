@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
 from diffusers import AutoencoderKL, ModelMixin
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -271,7 +272,11 @@ class Trainer:
         self.loader = ResumableLoader(self.dataset, config.train_batch_size, num_workers=data.dataloader_num_workers)
 
         in_channels, sample_size = data.num_channels, data.resolution
-        if self.vae is not None:
+        latents_info = getattr(self.dataset, "latents_info", None)
+        if latents_info is not None:
+            self._check_vae_matches(latents_info)
+            in_channels, sample_size = latents_info["latent_shape"][0], latents_info["latent_shape"][1]
+        elif self.vae is not None:
             downscale = 2 ** (len(self.vae.config.block_out_channels) - 1)
             if data.resolution % downscale:
                 raise ValueError(
@@ -318,6 +323,21 @@ class Trainer:
                 config.hub_model_id or self.output_dir.resolve().name,
                 token=config.hub_token,
                 private=config.hub_private_repo,
+            )
+
+    def _check_vae_matches(self, latents_info: dict[str, Any]) -> None:
+        """Cached latents need the VAE they were encoded with, for the pipeline to decode the samples."""
+        if self.vae is None:
+            raise ValueError(
+                f"--latents_dataset needs --vae (the latents were encoded with {latents_info['vae']!r}): the saved "
+                "pipeline decodes its samples with it."
+            )
+        ours = (self.vae.config.latent_channels, self.vae.config.scaling_factor)
+        theirs = (latents_info["latent_shape"][0], latents_info["scaling_factor"])
+        if ours != theirs:
+            raise ValueError(
+                f"--vae {self.config.vae!r} (latent channels, scaling factor {ours}) is not the VAE the latents were "
+                f"encoded with ({latents_info['vae']!r}, {theirs}); pass --vae {latents_info['vae']}."
             )
 
     def build_denoiser(self, *, num_classes: int | None, in_channels: int, sample_size: int) -> ModelMixin:
@@ -449,7 +469,7 @@ class Trainer:
     def training_summary(self) -> dict[str, Any]:
         config = self.config
         return {
-            "dataset": config.data.dataset_name or config.data.train_data_dir,
+            "dataset": config.data.dataset_name or config.data.train_data_dir or config.data.latents_dataset,
             "resolution": config.data.resolution,
             "objective": config.objective,
             "steps": self.global_step,
@@ -518,13 +538,20 @@ class Trainer:
 
     # The loop ---------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The objective's loss on one batch (VAE-encoded first when training in latent space)."""
-        clean = batch["pixel_values"]
-        if self.vae is not None:
+        """The objective's loss on one batch: images (VAE-encoded first when training in latent space) or cached
+        latent posteriors, from which a fresh latent is sampled."""
+        if "latent_mean" in batch:
+            parameters = torch.cat([batch["latent_mean"], batch["latent_logvar"]], dim=1)
+            clean = DiagonalGaussianDistribution(parameters).sample() * self.vae.config.scaling_factor
+        elif self.vae is not None:
             with torch.no_grad():
-                posterior = self.vae.encode(clean.to(self.vae.dtype)).latent_dist
+                posterior = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
                 clean = posterior.sample() * self.vae.config.scaling_factor
-        return self.objective.loss(self.model, clean, batch.get("class_labels"))
+        else:
+            clean = batch["pixel_values"]
+        # A sampled posterior is a strided view; the objective's `randn_like` follows the memory layout, so both
+        # latent paths hand it a contiguous tensor and draw the same noise.
+        return self.objective.loss(self.model, clean.contiguous(), batch.get("class_labels"))
 
     def train(self) -> Path:
         """Train to ``max_train_steps`` and save the final EMA pipeline in ``output_dir``; returns that folder."""
