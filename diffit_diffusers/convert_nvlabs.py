@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from .hub import create_model_card
 from .models import DiffiTTransformer2DModel
 from .pipelines import DiffiTPipeline
+from .pipelines.denoiser_wrapper import scheduler_parameterization
 
 
 #: Official module or parameter name -> ours. ``{i}`` is a block index; the rest of a key (``.weight``,
@@ -215,6 +216,7 @@ def infer_config(official_state_dict: Mapping[str, torch.Tensor], *, num_classes
         "activation_fn": "gelu-approximate",
         "norm_eps": 1e-6,
         "dropout": 0.0,
+        **scheduler_parameterization(official_scheduler()),
     }
 
 
