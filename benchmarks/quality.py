@@ -36,6 +36,7 @@ from PIL import Image
 from torch import nn
 
 from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel
+from diffit_diffusers.models.denoiser import DiffiTDenoiserMixin
 from diffit_diffusers.evaluation import (
     FeatureStatistics,
     ModuleFeatureExtractor,
@@ -222,7 +223,7 @@ def judge_extractor(judge: FashionClassifier) -> ModuleFeatureExtractor:
 # ------------------------------------------------------------------------------------------------------ contestants
 
 
-class ClassConditionalUNet2DModel(ModelMixin, ConfigMixin):
+class ClassConditionalUNet2DModel(DiffiTDenoiserMixin, ModelMixin, ConfigMixin):
     """diffusers' ``UNet2DModel`` behind the denoiser interface of the DiffiT trainer and ``DiffiTPipeline``:
     ``(sample (B, C, H, W), timestep (B,), class_labels (B,)) -> .sample (B, C, H, W)``, ``config.num_classes``
     and a null class (id ``num_classes``, one extra row of the class embedding) that replaces each label with

@@ -272,6 +272,14 @@ def test_inferred_config_is_complete_and_correct(shape):
         "activation_fn": "gelu-approximate",
         "norm_eps": 1e-6,
         "dropout": 0.0,
+        # ADM/DiT's training parameterization, which the saved DDPM scheduler speaks natively.
+        "parameterization": "vp",
+        "prediction_type": "epsilon",
+        "num_train_timesteps": 1000,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "sigma_data": 0.5,
     }
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel, available_presets, load_preset_config
+from diffit_diffusers import available_presets, load_preset_config
+from diffit_diffusers.models.denoiser import denoiser_class
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,6 @@ API_MODULES = (
     "diffit_diffusers.training.cli",
 )
 API_DIRECTIVE = re.compile(r"^:::\s+(?P<path>[\w.]+)\s*$", re.MULTILINE)
-MODEL_CLASSES = {cls.__name__: cls for cls in (DiffiTTransformer2DModel, DiffiTUNet2DModel)}
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def test_script_command_check_rejects_bad_flags(capsys):
 def _parameter_count(preset: str) -> int:
     config = load_preset_config(preset)
     with torch.device("meta"):
-        model = MODEL_CLASSES[config["_class_name"]].from_preset(preset)
+        model = denoiser_class(config["_class_name"]).from_preset(preset)
     return sum(parameter.numel() for parameter in model.parameters())
 
 

@@ -28,6 +28,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel
 from diffit_diffusers.hub import push_folder_to_hub
+from diffit_diffusers.models.denoiser import DenoiserParameterization
 from diffit_diffusers.pipelines.guidance import apply_guidance, guidance_weight
 
 
@@ -58,7 +59,7 @@ def latent_pipeline(scheduler=None, **kwargs):
     denoiser = randomise(
         DiffiTTransformer2DModel(
             sample_size=8, patch_size=2, in_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=8,
-            num_classes=5,
+            num_classes=5, learn_sigma=True,
         )
     )
     scheduler = scheduler or DDPMScheduler(variance_type="learned_range")
@@ -67,10 +68,10 @@ def latent_pipeline(scheduler=None, **kwargs):
     return pipe
 
 
-def image_pipeline(scheduler=None, out_channels=3, **kwargs):
+def image_pipeline(scheduler=None, learn_sigma=False, **kwargs):
     denoiser = randomise(
         DiffiTUNet2DModel(
-            sample_size=8, in_channels=3, out_channels=out_channels, block_out_channels=(16, 32), layers_per_block=1,
+            sample_size=8, in_channels=3, learn_sigma=learn_sigma, block_out_channels=(16, 32), layers_per_block=1,
             window_size=4, attention_head_dim=8, norm_num_groups=8, time_embed_dim=32, num_classes=5,
             class_dropout_prob=0.1,
         )
@@ -110,7 +111,7 @@ def test_every_scheduler_samples_finite_images(kind, scheduler_name):
     if kind == "latent":
         pipe = latent_pipeline(scheduler)
     else:  # the image model predicts the variance too when the scheduler wants it
-        pipe = image_pipeline(scheduler, out_channels=6 if scheduler_name == "ddpm_learned_range" else 3)
+        pipe = image_pipeline(scheduler, learn_sigma=scheduler_name == "ddpm_learned_range")
     images = sample(pipe, guidance_scale=2.0, num_inference_steps=4)
     size = 8 if kind == "image" else 16
     assert images.shape == (2, size, size, 3)
@@ -195,7 +196,9 @@ class RecordingDenoiser(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.config = type("Config", (), {"num_classes": 10, "sample_size": 2, "in_channels": 4})()
+        self.num_classes = 10
         self.null_class_id = 10
+        self.parameterization = DenoiserParameterization(learn_sigma=True)
         self.dtype = torch.float32
         self.device = torch.device("cpu")
         self.calls = []
@@ -305,7 +308,7 @@ def test_user_errors_raise_clear_messages():
         no_null(class_labels=[1], guidance_scale=2.0, num_inference_steps=1)
     with pytest.raises(ValueError, match="needs a denoiser that also predicts the variance"):
         image_pipeline(DDPMScheduler(variance_type="learned_range"))(class_labels=[1], num_inference_steps=1)
-    with pytest.raises(ValueError, match="Unsupported scheduler"):
+    with pytest.raises(ValueError, match="cannot drive object"):
         DiffiTPipeline(denoiser=pipe.denoiser, scheduler=object())
     bare = latent_pipeline()
     with pytest.raises(ValueError, match="no `id2label`"):

@@ -11,7 +11,7 @@ from model_checks import assert_checkpointing_keeps_gradients
 def tiny_transformer(seed=0, **kwargs):
     config = dict(
         sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=8,
-        num_classes=10,
+        num_classes=10, learn_sigma=True,
     )
     config.update(kwargs)
     torch.manual_seed(seed)

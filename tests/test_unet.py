@@ -254,7 +254,8 @@ def test_time_and_class_condition_the_output():
         for timestep in (10, 10.0, torch.tensor(10), torch.tensor([10, 10])):
             torch.testing.assert_close(model(x, timestep, torch.tensor([1, 2])).sample, reference)
     assert small_unet().null_class_id is None
-    assert small_unet(num_classes=5).null_class_id is None
+    assert small_unet(num_classes=5).null_class_id == 5  # label dropout 0.1 by default, as in the latent model
+    assert small_unet(num_classes=5, class_dropout_prob=0.0).null_class_id is None
 
 
 @pytest.mark.parametrize(

@@ -122,6 +122,8 @@ def infer_config(official_state_dict: Mapping[str, torch.Tensor]) -> dict:
     Returns:
         A config dict with every ``DiffiTTransformer2DModel.__init__`` argument.
     """
+    from ..pipelines.denoiser_wrapper import scheduler_parameterization  # the pipelines import this module
+
     sd = official_state_dict
     _require(
         sd,
@@ -196,6 +198,7 @@ def infer_config(official_state_dict: Mapping[str, torch.Tensor]) -> dict:
         "activation_fn": "gelu-approximate",
         "norm_eps": 1e-6,
         "dropout": 0.0,
+        **scheduler_parameterization(official_scheduler()),
     }
 
 

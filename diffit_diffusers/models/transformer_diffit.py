@@ -12,11 +12,15 @@ from torch import nn
 from ..loaders.single_file import FromOriginalDiffiTMixin
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
+from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
 from .transformer_block import DiffiTTransformerBlock
 
 
-class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin, FromOriginalDiffiTMixin):
+@register_denoiser
+class DiffiTTransformer2DModel(
+    DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin, FromOriginalDiffiTMixin
+):
     r"""The latent DiffiT denoiser (DiffiT-XL/2: 561M parameters, ImageNet-256 FID 1.73).
 
     Patchify ``->`` fixed 2D sin-cos positions ``->`` ``num_layers`` DiffiT blocks with *global* TMSA whose time
@@ -36,11 +40,23 @@ class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, Pr
         mlp_ratio: MLP hidden width as a multiple of the hidden width.
         num_classes: number of classes for class conditioning, ``None`` for an unconditional model.
         class_dropout_prob: label dropout while training; ``> 0`` adds the null class (id ``num_classes``).
-        learn_sigma: also predict the ADM variance interpolation (doubles the output channels).
+        learn_sigma: also predict the ADM variance interpolation (doubles the output channels; ``"vp"`` only).
+            The DiffiT presets and converted NVIDIA checkpoints set it.
         time_proj_dim: width of the sinusoidal timestep features.
-        activation_fn: MLP activation (diffusers ``FeedForward`` name).
-        norm_eps: epsilon of the (non-affine) LayerNorms.
+        activation_fn: MLP activation (diffusers ``FeedForward`` name). ``"gelu-approximate"`` (tanh GELU), not the
+            U-Net's exact ``"gelu"``, because the released latent checkpoints (DiT's MLP) were trained with it.
+        norm_eps: epsilon of the (non-affine) LayerNorms. ``1e-6``, not the U-Net's ``1e-5``, because the released
+            latent checkpoints use DiT's LayerNorm epsilon.
         dropout: dropout inside the MLPs.
+        parameterization: how the model was trained, ``"vp"`` (discrete variance-preserving) or ``"edm"``; see
+            :mod:`diffit_diffusers.models.denoiser`. The pipeline converts any scheduler's convention to it; the
+            defaults describe DDPM epsilon training on the linear schedule.
+        prediction_type: ``"vp"`` target: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        num_train_timesteps: ``"vp"`` training timesteps ``T``.
+        beta_schedule: ``"vp"`` beta schedule (a ``DDPMScheduler`` name).
+        beta_start: first beta of the ``"vp"`` schedule.
+        beta_end: last beta of the ``"vp"`` schedule.
+        sigma_data: ``"edm"`` data standard deviation of the preconditioning.
     """
 
     _supports_gradient_checkpointing = True
@@ -60,13 +76,24 @@ class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, Pr
         mlp_ratio: float = 4.0,
         num_classes: int | None = 1000,
         class_dropout_prob: float = 0.1,
-        learn_sigma: bool = True,
+        learn_sigma: bool = False,
         time_proj_dim: int = 256,
         activation_fn: str = "gelu-approximate",
         norm_eps: float = 1e-6,
         dropout: float = 0.0,
+        parameterization: str = "vp",
+        prediction_type: str = "epsilon",
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        sigma_data: float = 0.5,
     ):
         super().__init__()
+        DenoiserParameterization(
+            parameterization, prediction_type, num_train_timesteps, beta_schedule, beta_start, beta_end, sigma_data,
+            learn_sigma,
+        )
         if sample_size % patch_size:
             raise ValueError(f"`sample_size` ({sample_size}) must be divisible by `patch_size` ({patch_size}).")
         if num_classes is not None and num_classes < 1:
@@ -126,11 +153,6 @@ class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, Pr
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    @property
-    def null_class_id(self) -> int | None:
-        """Label id of the null (unconditional) class used for classifier-free guidance, or ``None``."""
-        return self.time_embedding.null_class_id
-
     def _check_inputs(self, hidden_states: torch.Tensor) -> None:
         expected = (self.config.in_channels, self.config.sample_size, self.config.sample_size)
         if hidden_states.ndim != 4 or tuple(hidden_states.shape[1:]) != expected:
@@ -153,11 +175,12 @@ class DiffiTTransformer2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, Pr
         class_labels: torch.LongTensor | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Predict the noise (and variance values) for a batch of noisy latents.
+        """Predict, in the model's ``parameterization``, for a batch of noisy latents (and the variance values).
 
         Args:
             hidden_states: noisy latents ``(B, in_channels, sample_size, sample_size)``.
-            timestep: a number, a 0-d tensor or a ``(B,)`` tensor of timesteps on the 0..999 training scale.
+            timestep: a number, a 0-d tensor or a ``(B,)`` tensor: the training-scale timestep (``"vp"``) or
+                ``c_noise = ln(sigma) / 4`` (``"edm"``).
             class_labels: ``(B,)`` integer labels for a class-conditional model (``num_classes`` = null class).
             return_dict: return a ``Transformer2DModelOutput`` rather than a tuple.
 

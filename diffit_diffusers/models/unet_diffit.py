@@ -21,6 +21,7 @@ from torch import nn
 
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
+from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
 from .resampling import Downsample2x, Upsample2x
 from .resblock import DiffiTResBlock
@@ -141,7 +142,8 @@ def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: 
     return values
 
 
-class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin):
+@register_denoiser
+class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin):
     """The image-space DiffiT denoiser (CIFAR-10 FID 1.95, FFHQ-64 2.22): a U-Net built from DiffiT ResBlocks.
 
     ``Conv3x3`` stem ``->`` encoder stages of ``layers_per_block`` ResBlocks (``DiffiTResBlock``) separated by
@@ -158,15 +160,18 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
     Parameters:
         sample_size: side of the images the model is meant for (informational; other sizes work, see above).
         in_channels: channels of the input image.
-        out_channels: channels of the prediction.
+        out_channels: channels of the prediction (defaults to ``in_channels``). With ``learn_sigma`` the model
+            outputs ``2 * out_channels`` channels: the prediction, then the variance interpolation values.
         block_out_channels: width of each stage, highest resolution first; the resolution halves per stage.
         layers_per_block: encoder ResBlocks per stage (an int, or one per stage). Decoder stages have one more.
         window_size: side of the TMSA windows (an int, or one per stage).
         attention_head_dim: channels per TMSA head; heads per block = stage width / ``attention_head_dim``.
         mlp_ratio: Transformer MLP hidden width as a multiple of the stage width.
-        activation_fn: Transformer MLP activation (diffusers ``FeedForward`` name).
+        activation_fn: Transformer MLP activation (diffusers ``FeedForward`` name). Exact ``"gelu"`` (the paper's
+            GELU); the latent model defaults to the tanh approximation its released checkpoints use.
         norm_num_groups: groups of every ``GroupNorm``.
-        norm_eps: epsilon of the GroupNorms and LayerNorms.
+        norm_eps: epsilon of the GroupNorms and LayerNorms. ``1e-5`` (PyTorch's and diffusers' ``UNet2DModel``
+            default); the latent model defaults to the ``1e-6`` of its released checkpoints.
         norm_elementwise_affine: whether the Transformer blocks' LayerNorms have a learned scale and shift.
         time_embed_dim: width ``D_t`` of the time token.
         time_proj_dim: width of the sinusoidal timestep features (default: ``block_out_channels[0]``).
@@ -179,6 +184,16 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
         shortcut_kernel_size: kernel side (1 or 3) of a ResBlock's shortcut convolution where it changes width.
         downsample_type: ``"conv"`` (stride-2 ``Conv3x3``, default) or ``"avg_pool"``.
         upsample_type: ``"conv"`` (nearest x2 then ``Conv3x3``, default) or ``"nearest"``.
+        learn_sigma: also predict the ADM variance interpolation (doubles the output channels; ``"vp"`` only).
+        parameterization: how the model was trained, ``"vp"`` (discrete variance-preserving) or ``"edm"``; see
+            :mod:`diffit_diffusers.models.denoiser`. The pipeline converts any scheduler's convention to it; the
+            defaults describe DDPM epsilon training on the linear schedule.
+        prediction_type: ``"vp"`` target: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        num_train_timesteps: ``"vp"`` training timesteps ``T``.
+        beta_schedule: ``"vp"`` beta schedule (a ``DDPMScheduler`` name).
+        beta_start: first beta of the ``"vp"`` schedule.
+        beta_end: last beta of the ``"vp"`` schedule.
+        sigma_data: ``"edm"`` data standard deviation of the preconditioning.
     """
 
     _supports_gradient_checkpointing = True
@@ -190,7 +205,7 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
         self,
         sample_size: int = 32,
         in_channels: int = 3,
-        out_channels: int = 3,
+        out_channels: int | None = None,
         block_out_channels: tuple[int, ...] = (128, 256, 256),
         layers_per_block: int | tuple[int, ...] = 2,
         window_size: int | tuple[int, ...] = 4,
@@ -203,15 +218,27 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
         time_embed_dim: int = 512,
         time_proj_dim: int | None = None,
         num_classes: int | None = None,
-        class_dropout_prob: float = 0.0,
+        class_dropout_prob: float = 0.1,
         dropout: float = 0.0,
         mid_block_layers: int = 2,
         skip_connection_type: str = "concat",
         shortcut_kernel_size: int = 1,
         downsample_type: str = "conv",
         upsample_type: str = "conv",
+        learn_sigma: bool = False,
+        parameterization: str = "vp",
+        prediction_type: str = "epsilon",
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        sigma_data: float = 0.5,
     ):
         super().__init__()
+        DenoiserParameterization(
+            parameterization, prediction_type, num_train_timesteps, beta_schedule, beta_start, beta_end, sigma_data,
+            learn_sigma,
+        )
         num_stages = len(block_out_channels)
         if num_stages < 1:
             raise ValueError("`block_out_channels` must list at least one stage width.")
@@ -286,14 +313,10 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+        self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
+        self.conv_out = nn.Conv2d(channels, self.out_channels, kernel_size=3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
-
-    @property
-    def null_class_id(self) -> int | None:
-        """Label id of the null (unconditional) class, or ``None`` if the model has none."""
-        return self.time_embedding.null_class_id
 
     def _check_sample(self, sample: torch.Tensor) -> None:
         channels, factor = self.config.in_channels, self.downsample_factor
@@ -318,16 +341,17 @@ class DiffiTUNet2DModel(DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMix
         class_labels: torch.LongTensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DOutput | tuple[torch.Tensor]:
-        """Denoise a batch of images.
+        """Predict, in the model's ``parameterization``, for a batch of noisy images (and the variance values).
 
         Args:
             sample: noisy images ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples of ``2^(stages - 1)``.
-            timestep: a number, a 0-d tensor or a ``(B,)`` tensor (integer or float, e.g. EDM's ``c_noise``).
+            timestep: a number, a 0-d tensor or a ``(B,)`` tensor: the training-scale timestep (``"vp"``) or
+                ``c_noise = ln(sigma) / 4`` (``"edm"``).
             class_labels: ``(B,)`` integer labels for a class-conditional model (``null_class_id`` = unconditional).
             return_dict: return a ``UNet2DOutput`` rather than a tuple.
 
         Returns:
-            ``sample`` of shape ``(B, out_channels, H, W)``.
+            ``sample`` of shape ``(B, out_channels * (2 if learn_sigma else 1), H, W)``.
         """
         self._check_sample(sample)
         batch_size = sample.shape[0]

@@ -9,9 +9,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
-from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..loaders.single_file import (
@@ -22,6 +23,8 @@ from ..loaders.single_file import (
     official_scheduler,
 )
 from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
+from ..models.denoiser import DENOISER_CLASSES, DiffiTDenoiserMixin
+from .denoiser_wrapper import DenoiserWrapper, apply_saved_parameterization, check_scheduler, is_edm_scheduler
 from .guidance import GUIDANCE_SCHEDULES, apply_guidance, guidance_weight
 from .model_index import (
     check_pipeline_folder,
@@ -32,9 +35,6 @@ from .model_index import (
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-SUPPORTED_SCHEDULERS = tuple(member.name for member in KarrasDiffusionSchedulers) + (
-    "EDMDPMSolverMultistepScheduler",
-)
 
 
 class DiffiTPipeline(DiffusionPipeline):
@@ -46,7 +46,10 @@ class DiffiTPipeline(DiffusionPipeline):
 
     Parameters:
         denoiser: a ``DiffiTUNet2DModel`` (image space) or ``DiffiTTransformer2DModel`` (latent space with a VAE).
-        scheduler: any ``KarrasDiffusionSchedulers`` member or an EDM scheduler.
+        scheduler: any ``KarrasDiffusionSchedulers`` member (DEIS included) or an EDM scheduler, whatever the
+            denoiser was trained with: :mod:`~diffit_diffusers.pipelines.denoiser_wrapper` converts between the
+            scheduler's convention and the denoiser's ``parameterization``. Assigning ``pipe.scheduler`` later is
+            checked the same way.
         vae: an ``AutoencoderKL``; when present, the denoiser works on its latents and images are decoded with
             ``vae.decode(latents / vae.config.scaling_factor)``.
         id2label: class id -> name(s) (comma-separated synonyms), for ``get_label_ids``.
@@ -76,10 +79,13 @@ class DiffiTPipeline(DiffusionPipeline):
         default_guided_channels: int | None = 3,
     ):
         super().__init__()
-        if type(scheduler).__name__ not in SUPPORTED_SCHEDULERS:
+        if not isinstance(denoiser, DiffiTDenoiserMixin):
             raise ValueError(
-                f"Unsupported scheduler {type(scheduler).__name__}; use one of {', '.join(SUPPORTED_SCHEDULERS)}."
+                f"`denoiser` is a {type(denoiser).__name__}; DiffiTPipeline needs a model with the DiffiTDenoiserMixin "
+                f"interface, e.g. one of {', '.join(DENOISER_CLASSES)}."
             )
+        check_scheduler(scheduler)
+        apply_saved_parameterization(denoiser, scheduler)
         if default_guidance_schedule not in GUIDANCE_SCHEDULES:
             raise ValueError(
                 f"Unknown guidance schedule {default_guidance_schedule!r}; choose one of "
@@ -101,10 +107,15 @@ class DiffiTPipeline(DiffusionPipeline):
                 self.labels[name.strip()] = class_id
         self.labels = dict(sorted(self.labels.items()))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "scheduler":
+            check_scheduler(value)
+        super().__setattr__(name, value)
+
     @property
     def num_classes(self) -> int | None:
         """Number of classes of the denoiser, ``None`` for an unconditional one."""
-        return self.denoiser.config.num_classes
+        return self.denoiser.num_classes
 
     @property
     def null_class_id(self) -> int | None:
@@ -125,7 +136,7 @@ class DiffiTPipeline(DiffusionPipeline):
         return ids
 
     def _class_label_tensor(
-        self, class_labels, batch_size: int, num_images_per_prompt: int, generator, device
+        self, class_labels, batch_size: int | None, num_images_per_prompt: int, generator, device
     ) -> torch.Tensor | None:
         num_classes = self.num_classes
         if num_classes is None:
@@ -135,33 +146,31 @@ class DiffiTPipeline(DiffusionPipeline):
         if class_labels is None:
             label_generator = generator[0] if isinstance(generator, list) else generator
             labels = torch.randint(
-                0, num_classes, (batch_size,), generator=label_generator, device=getattr(label_generator, "device", "cpu")
+                0,
+                num_classes,
+                (batch_size or 1,),
+                generator=label_generator,
+                device=getattr(label_generator, "device", "cpu"),
             )
-        else:
-            if isinstance(class_labels, (int, str)) or (torch.is_tensor(class_labels) and class_labels.ndim == 0):
-                class_labels = [class_labels]
-            class_labels = list(class_labels.tolist() if torch.is_tensor(class_labels) else class_labels)
-            class_labels = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in class_labels]
-            labels = torch.tensor(class_labels, dtype=torch.long)
-            if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
-                raise ValueError(
-                    f"`class_labels` must be class ids in [0, {num_classes - 1}] (or names from `id2label`); "
-                    f"received {class_labels}."
-                )
-        return labels.repeat_interleave(num_images_per_prompt).to(device)
+            return labels.to(device).repeat_interleave(num_images_per_prompt)
+        ids = [self.get_label_ids(c)[0] if isinstance(c, str) else c for c in _label_list(class_labels)]
+        if not ids or min(ids) < 0 or max(ids) >= num_classes:
+            raise ValueError(
+                f"`class_labels` must be class ids in [0, {num_classes - 1}] (or names from `id2label`); "
+                f"received {class_labels}."
+            )
+        if batch_size is not None and batch_size != len(ids):
+            raise ValueError(
+                f"`batch_size={batch_size}` disagrees with the {len(ids)} `class_labels`; leave `batch_size` out "
+                "when passing labels (use `num_images_per_prompt` for several images per label)."
+            )
+        return torch.tensor(ids, dtype=torch.long).repeat_interleave(num_images_per_prompt).to(device)
 
-    def _training_timestep(self, t: torch.Tensor, step_index: int, num_steps: int) -> float:
-        """``t`` on the 0..T-1 training scale, for the guidance ramp (EDM schedulers count steps instead)."""
-        num_train_timesteps = self.scheduler.config.get("num_train_timesteps", 1000)
-        if hasattr(self.scheduler, "precondition_noise"):
-            return num_train_timesteps * (1.0 - step_index / num_steps)
+    def _guidance_timestep(self, t: torch.Tensor, step_index: int, num_steps: int) -> float:
+        """``t`` on the scheduler's ``0..T-1`` scale for the guidance ramp (EDM schedulers count steps instead)."""
+        if is_edm_scheduler(self.scheduler):
+            return self.scheduler.config.get("num_train_timesteps", 1000) * (1.0 - step_index / num_steps)
         return float(t)
-
-    def _uses_learned_variance(self) -> bool:
-        return isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type in (
-            "learned",
-            "learned_range",
-        )
 
     def _latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         config = self.denoiser.config
@@ -171,7 +180,7 @@ class DiffiTPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: int | str | list[int | str] | torch.Tensor | None = None,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         num_images_per_prompt: int = 1,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -190,14 +199,15 @@ class DiffiTPipeline(DiffusionPipeline):
         Args:
             class_labels: class ids or names (see ``id2label``) for a class-conditional denoiser; ``None`` draws
                 random classes (conditional) or samples unconditionally.
-            batch_size: number of images when ``class_labels`` is ``None``.
+            batch_size: number of images (or random labels) when ``class_labels`` is ``None`` (default 1); with
+                ``class_labels`` it may only repeat their count.
             num_images_per_prompt: images per class label (or per batch entry).
             num_inference_steps: denoising steps (default: ``default_num_inference_steps``).
             guidance_scale: classifier-free guidance scale ``s``; ``1`` disables guidance.
             guidance_schedule: ``"constant"`` or ``"power_cosine"`` (ramp from no guidance at ``t = T`` to ``s``).
             guidance_power: exponent of the power-cosine ramp.
             guided_channels: number of leading output channels that are guided (3 in DiffiT); ``None`` guides all.
-            generator: torch generator(s) for reproducible sampling.
+            generator: a torch generator, or one per image, for reproducible sampling.
             latents: initial noise ``(B, C, H, W)`` in the denoiser's input space.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (the final denoiser-space
                 sample).
@@ -210,17 +220,25 @@ class DiffiTPipeline(DiffusionPipeline):
             ``ImagePipelineOutput`` with ``images``.
         """
         config = self.config
-        num_inference_steps = num_inference_steps or config.default_num_inference_steps
+        num_inference_steps = config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
         guidance_schedule = guidance_schedule or config.default_guidance_schedule
         guidance_power = config.default_guidance_power if guidance_power is None else guidance_power
         guided_channels = config.default_guided_channels if guided_channels == "default" else guided_channels
         callback_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self._check_call_arguments(output_type, guidance_schedule, guidance_scale, callback_inputs)
+        self._check_call_arguments(
+            output_type, guidance_schedule, guidance_scale, callback_inputs, num_inference_steps, batch_size,
+            num_images_per_prompt,
+        )
         device = self._execution_device
 
         labels = self._class_label_tensor(class_labels, batch_size, num_images_per_prompt, generator, device)
-        total = labels.shape[0] if labels is not None else batch_size * num_images_per_prompt
+        total = labels.shape[0] if labels is not None else (batch_size or 1) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators but {total} images are sampled; pass one "
+                "generator per image or a single generator."
+            )
         do_guidance = guidance_scale > 1.0
         if do_guidance and self.null_class_id is None:
             raise ValueError(
@@ -237,35 +255,28 @@ class DiffiTPipeline(DiffusionPipeline):
         model_labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)]) if do_guidance else labels
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
+        wrapper = DenoiserWrapper(self.denoiser.parameterization, self.scheduler, prediction_channels=shape[1])
         timesteps = self.scheduler.timesteps
-        prediction_channels = latents.shape[1]
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_input = self.scheduler.scale_model_input(latents, t)
-            if do_guidance:
-                model_input = torch.cat([model_input, model_input])
-            timestep = t.to(device=device, dtype=torch.float32).expand(model_input.shape[0])
+            # The denoiser's output in its own convention (see denoiser_wrapper), guided there ...
+            step = wrapper.prepare(self.scheduler.scale_model_input(latents, t), t)
+            model_input = torch.cat([step.denoiser_input] * 2) if do_guidance else step.denoiser_input
+            timestep = step.denoiser_timestep.expand(model_input.shape[0])
             output = self.denoiser(model_input, timestep, model_labels).sample
             if do_guidance:
                 conditional, unconditional = output.chunk(2)
                 weight = guidance_weight(
-                    self._training_timestep(t, i, len(timesteps)),
+                    self._guidance_timestep(t, i, len(timesteps)),
                     guidance_scale,
                     guidance_schedule,
                     guidance_power,
                     self.scheduler.config.get("num_train_timesteps", 1000),
                 )
                 output = apply_guidance(conditional, unconditional, weight, guided_channels)
-            if not self._uses_learned_variance():
-                output = output[:, :prediction_channels]
-            elif output.shape[1] != 2 * prediction_channels:
-                raise ValueError(
-                    f"DDPMScheduler(variance_type={self.scheduler.config.variance_type!r}) needs a denoiser that "
-                    f"also predicts the variance ({2 * prediction_channels} output channels, e.g. `learn_sigma=True`),"
-                    f" but it returns {output.shape[1]}. Use variance_type='fixed_small' instead."
-                )
-            latents = self.scheduler.step(output, t, latents, **step_kwargs).prev_sample
+            # ... then in the scheduler's convention.
+            latents = self.scheduler.step(step.scheduler_output(output), t, latents, **step_kwargs).prev_sample
 
             if callback_on_step_end is not None:
                 step_tensors = {"latents": latents}
@@ -292,8 +303,22 @@ class DiffiTPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
     def _check_call_arguments(
-        self, output_type: str, guidance_schedule: str, guidance_scale: float, callback_inputs: list[str]
+        self,
+        output_type: str,
+        guidance_schedule: str,
+        guidance_scale: float,
+        callback_inputs: list[str],
+        num_inference_steps: int,
+        batch_size: int | None,
+        num_images_per_prompt: int,
     ) -> None:
+        for name, value in (
+            ("num_inference_steps", num_inference_steps),
+            ("batch_size", 1 if batch_size is None else batch_size),
+            ("num_images_per_prompt", num_images_per_prompt),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unsupported `output_type` {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}.")
         if guidance_schedule not in GUIDANCE_SCHEDULES:
@@ -485,3 +510,29 @@ class DiffiTPipeline(DiffusionPipeline):
         return cls(
             denoiser=denoiser, scheduler=scheduler or official_scheduler(), vae=vae, **{**defaults, **pipeline_kwargs}
         )
+
+
+def _label_list(class_labels: Any) -> list:
+    """``class_labels`` (an id, a name, a list of them, or a 0-d / 1-d integer tensor) as a flat list; anything
+    else (floats, bools, nested lists) raises a ``ValueError``."""
+    if torch.is_tensor(class_labels) or isinstance(class_labels, np.ndarray):
+        if class_labels.ndim > 1 or not _is_integer_dtype(class_labels.dtype):
+            raise ValueError(
+                f"`class_labels` must be a 0-d or 1-d integer tensor, got {class_labels.dtype} of shape "
+                f"{tuple(class_labels.shape)}."
+            )
+        return [int(c) for c in class_labels.reshape(-1).tolist()]
+    items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer, str)):
+            raise ValueError(
+                f"`class_labels` must be class ids (int) or names (str), or a flat list of them; got {item!r} "
+                f"({type(item).__name__})."
+            )
+    return [item if isinstance(item, str) else int(item) for item in items]
+
+
+def _is_integer_dtype(dtype: Any) -> bool:
+    if isinstance(dtype, torch.dtype):
+        return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+    return np.issubdtype(dtype, np.integer)

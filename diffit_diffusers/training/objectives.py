@@ -1,7 +1,9 @@
-"""Training objectives: EDM (image space, paper App. I), DDPM epsilon / v, and ADM's learned-sigma hybrid loss.
+"""Training objectives: EDM (image space, paper App. I), DDPM epsilon / v / sample, and ADM's learned-sigma loss.
 
 Each objective draws noise levels with the global torch RNG (so ``accelerate``'s checkpoints restore it exactly),
-computes the loss of a denoiser on a clean batch, and builds the scheduler the trained model samples with.
+computes the loss of a denoiser on a clean batch, names the ``parameterization`` the trainer writes into the
+denoiser's config, and builds the scheduler saved with the trained model (any other supported scheduler can
+replace it: the pipeline converts between conventions).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..models.denoiser import DenoiserParameterization
 
-OBJECTIVES = ("edm", "epsilon", "v_prediction", "learned_sigma")
+
+OBJECTIVES = ("edm", "epsilon", "v_prediction", "sample", "learned_sigma")
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -38,6 +42,11 @@ class EDMObjective:
 
     name = "edm"
 
+    @property
+    def parameterization(self) -> DenoiserParameterization:
+        """What the trained denoiser's config records."""
+        return DenoiserParameterization("edm", sigma_data=self.sigma_data)
+
     def loss(self, model, clean: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         sigma = (torch.randn(clean.shape[0], device=clean.device) * self.p_std + self.p_mean).exp()
         noisy = clean + torch.randn_like(clean) * _expand(sigma, clean)
@@ -57,8 +66,8 @@ class EDMObjective:
 
 @dataclass
 class DDPMObjective:
-    """DDPM training on a discrete 0..T-1 schedule predicting the noise (``"epsilon"``) or the velocity
-    (``"v_prediction"``)."""
+    """DDPM training on a discrete 0..T-1 schedule predicting the noise (``"epsilon"``), the velocity
+    (``"v_prediction"``) or the clean sample (``"sample"``)."""
 
     prediction_type: str = "epsilon"
     num_train_timesteps: int = 1000
@@ -68,9 +77,25 @@ class DDPMObjective:
     def name(self) -> str:
         return self.prediction_type
 
+    @property
+    def parameterization(self) -> DenoiserParameterization:
+        """What the trained denoiser's config records."""
+        config = self.noise_scheduler.config
+        return DenoiserParameterization(
+            "vp",
+            prediction_type=self.prediction_type,
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            beta_start=config.beta_start,
+            beta_end=config.beta_end,
+            learn_sigma=self.name == "learned_sigma",
+        )
+
     def __post_init__(self):
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"`prediction_type` must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}.")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"`prediction_type` must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}."
+            )
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps,
             beta_schedule=self.beta_schedule,
@@ -85,7 +110,12 @@ class DDPMObjective:
     def loss(self, model, clean: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         noisy, noise, timesteps = self._noisy(clean)
         prediction = model(noisy, timesteps, class_labels).sample[:, : clean.shape[1]]
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(clean, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(clean, noise, timesteps)
+        else:
+            target = clean
         return F.mse_loss(prediction.float(), target.float())
 
     def make_scheduler(self) -> SchedulerMixin:
@@ -186,7 +216,7 @@ def build_objective(name: str, *, num_train_timesteps: int = 1000, beta_schedule
     """The objective called ``name`` (one of ``OBJECTIVES``)."""
     if name == "edm":
         return EDMObjective()
-    if name in ("epsilon", "v_prediction"):
+    if name in ("epsilon", "v_prediction", "sample"):
         return DDPMObjective(name, num_train_timesteps, beta_schedule)
     if name == "learned_sigma":
         return LearnedSigmaObjective(num_train_timesteps, beta_schedule)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..dataset_sources import looks_like_local_path
 from ..hub import BackgroundHubUploads, create_model_card
 from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
+from ..models.denoiser import DiffiTDenoiserMixin, denoiser_class
 from ..pipelines import DiffiTPipeline
 from ..presets import load_preset_config
 from .config import TrainingConfig
@@ -71,21 +72,17 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
 def build_denoiser(
     config: TrainingConfig, *, num_classes: int | None, in_channels: int, sample_size: int
 ) -> DiffiTUNet2DModel | DiffiTTransformer2DModel:
-    """A freshly initialised denoiser for this data: the model config with the data's sizes and classes."""
+    """A freshly initialised denoiser for this data: the model config with the data's sizes and classes and the
+    objective's parameterization (which also sets ``learn_sigma``)."""
     model_config = load_model_config(config.model_config)
-    classes = {cls.__name__: cls for cls in (DiffiTUNet2DModel, DiffiTTransformer2DModel)}
-    model_cls = classes.get(model_config.get("_class_name"))
-    if model_cls is None:
-        raise ValueError(
-            f"Model config {config.model_config!r} names {model_config.get('_class_name')!r}; expected one of "
-            f"{', '.join(classes)}."
-        )
-    overrides: dict[str, Any] = {"sample_size": sample_size, "in_channels": in_channels, "num_classes": num_classes}
-    learned_sigma = config.objective == "learned_sigma"
-    if model_cls is DiffiTTransformer2DModel:
-        overrides.update(out_channels=None, learn_sigma=learned_sigma)
-    else:
-        overrides["out_channels"] = in_channels * (2 if learned_sigma else 1)
+    model_cls = denoiser_class(model_config.get("_class_name"), source=f"Model config {config.model_config!r}")
+    overrides: dict[str, Any] = {
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": None,
+        "num_classes": num_classes,
+        **build_objective(config.objective).parameterization.to_config(),
+    }
     if config.class_dropout_prob is not None:
         overrides["class_dropout_prob"] = config.class_dropout_prob
     return model_cls.from_config({**model_config, **overrides})
@@ -285,6 +282,12 @@ class Trainer:
             in_channels, sample_size = self.vae.config.latent_channels, data.resolution // downscale
         self.objective = build_objective(config.objective)
         model = self.build_denoiser(num_classes=self.dataset.num_classes, in_channels=in_channels, sample_size=sample_size)
+        if not isinstance(model, DiffiTDenoiserMixin):
+            raise ValueError(
+                f"`build_denoiser` returned a {type(model).__name__}; the trainer needs a model with the "
+                "`DiffiTDenoiserMixin` interface (diffit_diffusers.models.denoiser)."
+            )
+        model.register_to_config(**self.objective.parameterization.to_config())
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
@@ -342,8 +345,8 @@ class Trainer:
 
     def build_denoiser(self, *, num_classes: int | None, in_channels: int, sample_size: int) -> ModelMixin:
         """The freshly initialised denoiser, from ``config.model_config`` (see ``build_denoiser``). Override it to
-        train another ``ModelMixin`` that is called as ``model(sample, timestep, class_labels).sample`` and has
-        ``config.num_classes``, ``config.in_channels``, ``config.sample_size`` and a ``null_class_id`` property."""
+        train another ``ModelMixin`` with the ``DiffiTDenoiserMixin`` interface and ``config.in_channels`` and
+        ``config.sample_size``; the trainer writes the objective's parameterization into its config."""
         return build_denoiser(self.config, num_classes=num_classes, in_channels=in_channels, sample_size=sample_size)
 
     @property
