@@ -23,7 +23,6 @@ from .hub import create_model_card
 from .loaders.single_file import DEFAULT_VAE, NVIDIA_REPO_ID, CheckpointConversionError, describe_config
 from .models import DiffiTTransformer2DModel
 from .pipelines import DiffiTPipeline
-from .pipelines.denoiser_wrapper import scheduler_parameterization
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
