@@ -17,7 +17,7 @@ from diffusers import (
 )
 
 from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel
-from diffit_diffusers.convert_nvlabs import official_scheduler
+from diffit_diffusers.loaders.single_file import official_scheduler
 from diffit_diffusers.models.denoiser import DENOISER_CLASSES, DenoiserParameterization, denoiser_class
 from diffit_diffusers.pipelines.denoiser_wrapper import SUPPORTED_SCHEDULERS
 

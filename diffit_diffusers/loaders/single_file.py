@@ -407,14 +407,15 @@ def official_recipe(grid_size: int) -> dict[str, Any]:
 OFFICIAL_SAMPLING_DEFAULTS = {"default_num_inference_steps": 250, "default_guided_channels": 3}
 
 
-def official_scheduler() -> DDPMScheduler:
-    """ADM/DiT's 1000-step linear beta schedule with learned-range variance."""
+def official_scheduler(learned_variance: bool = True) -> DDPMScheduler:
+    """ADM/DiT's 1000-step linear beta schedule with learned-range variance (``fixed_small`` for a denoiser that
+    does not predict the variance)."""
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_schedule="linear",
         beta_start=0.0001,
         beta_end=0.02,
-        variance_type="learned_range",
+        variance_type="learned_range" if learned_variance else "fixed_small",
         clip_sample=False,
     )
 

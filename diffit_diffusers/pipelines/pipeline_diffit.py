@@ -463,9 +463,10 @@ class DiffiTPipeline(DiffusionPipeline):
         """The released sampling setup around one of NVIDIA's checkpoint files (``nvidia/DiffiT``).
 
         The denoiser is ``DiffiTTransformer2DModel.from_single_file(pretrained_model_link_or_path, ...)``; the
-        scheduler is ADM/DiT's DDPM schedule with learned-range variance (``official_scheduler``); the defaults
-        are the official recipe for the checkpoint's resolution (``official_recipe``: 250 steps, 3 guided
-        channels, the guidance of the release) and, for a 1000-class model, the ImageNet label names.
+        scheduler is ADM/DiT's DDPM schedule with learned-range variance (``official_scheduler``; fixed variance for a
+        checkpoint without variance channels); the defaults are the official recipe for the checkpoint's resolution
+        (``official_recipe``: 250 steps, 3 guided channels, the guidance of the release) and, for a 1000-class
+        model, the ImageNet label names.
 
         Args:
             pretrained_model_link_or_path: a local file, ``hf://<repo>[@<revision>]/<file>`` or a Hub URL such as
@@ -508,7 +509,7 @@ class DiffiTPipeline(DiffusionPipeline):
             "id2label": imagenet_id2label() if denoiser.config.num_classes == 1000 else None,
         }
         return cls(
-            denoiser=denoiser, scheduler=scheduler or official_scheduler(), vae=vae, **{**defaults, **pipeline_kwargs}
+            denoiser=denoiser, scheduler=scheduler or official_scheduler(denoiser.config.learn_sigma), vae=vae, **{**defaults, **pipeline_kwargs}
         )
 
 
