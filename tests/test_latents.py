@@ -18,13 +18,7 @@ from diffit_diffusers.training.precompute_latents import main as precompute_main
 from test_training import TINY_TRANSFORMER, digits_args, run_training, tiny_vae_folder, write_config
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 IMAGES = {"dataset_name": "digits", "label_column": "label", "resolution": "16", "max_train_samples": "60"}
