@@ -131,15 +131,16 @@ def latent_speed(folder: Path, args: argparse.Namespace, work: Path) -> dict:
     latents_dir = work / "latents"
     reset_accelerate()
     start = time.perf_counter()
+    subset = str(args.latent_batch_size * (args.latent_repeats + 1))  # the images the timed steps use
     precompute_latents([
-        "--train_data_dir", str(folder), "--resolution", "256", "--random_flip", "true", "--vae", str(vae_dir),
+        "--train_data_dir", str(folder), "--resolution", "256", "--max_train_samples", subset, "--vae", str(vae_dir),
         "--output_dir", str(latents_dir), "--encode_batch_size", str(args.latent_batch_size),
         "--cache_dir", args.cache_dir,
     ])
     precompute_seconds = time.perf_counter() - start
     common = [
         "--model_config", "DiffiT-S/2", "--objective", "learned_sigma", "--vae", str(vae_dir), "--resolution", "256",
-        "--random_flip", "true", "--train_batch_size", str(args.latent_batch_size), "--max_train_steps", "1",
+        "--max_train_samples", subset, "--train_batch_size", str(args.latent_batch_size), "--max_train_steps", "1",
         "--use_ema", "false", "--cache_dir", args.cache_dir,
     ]
     trainers = {}
@@ -169,7 +170,7 @@ def latent_speed(folder: Path, args: argparse.Namespace, work: Path) -> dict:
         "median_step_seconds": {name: round(value, 3) for name, value in seconds.items()},
         "speedup_cached": round(images_per_second["cached"] / images_per_second["on_the_fly"], 2),
         "precompute_seconds": round(precompute_seconds, 1),
-        "precompute_images": args.num_images,
+        "precompute_images": int(subset),
     }
 
 

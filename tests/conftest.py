@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from accelerate.state import AcceleratorState, PartialState
 
 from hub_server import FakeHubServer, point_huggingface_hub_at
 from trained_models import trained_digits_folder
@@ -47,3 +48,13 @@ def trained_digits_pipeline(trained_digits_dir):
     pipeline = DiffiTPipeline.from_pretrained(trained_digits_dir)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's process-wide state reset before and after the test, so each training run builds its own."""
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()

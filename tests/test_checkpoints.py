@@ -22,13 +22,7 @@ from test_training import TINY_UNET, digits_args, run_training, write_config
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -2,7 +2,12 @@
 (the same training as encoding on the fly, streaming, exact resume)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import datasets
 
 import pytest
 import torch
@@ -18,13 +23,7 @@ from diffit_diffusers.training.precompute_latents import main as precompute_main
 from test_training import TINY_TRANSFORMER, digits_args, run_training, tiny_vae_folder, write_config
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 IMAGES = {"dataset_name": "digits", "label_column": "label", "resolution": "16", "max_train_samples": "60"}
@@ -173,3 +172,23 @@ def test_precomputed_latents_push_to_the_hub_as_a_dataset(tmp_path, vae, hub_ser
     files = hub_server.files("tester/digit-latents", repo_type="dataset")
     assert {"README.md", "latents_info.json", "data/train-00000-of-00003.parquet"} <= set(files)
     assert not any(name.startswith(".") for name in files)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_shards_and_write_the_same_latents(tmp_path, vae):
+    single = precompute(tmp_path, output="single")
+    flags = {**IMAGES, "vae": str(tmp_path / "vae"), "output_dir": str(tmp_path / "double"), "shard_size": "25",
+             "encode_batch_size": "8", "cache_dir": str(tmp_path / "cache")}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffit_diffusers.training.precompute_latents",
+        *[word for key, value in flags.items() for word in (f"--{key}", value)],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for shard in sorted((single / "data").iterdir()):
+        double = datasets.Dataset.from_parquet(str(tmp_path / "double" / "data" / shard.name)).with_format("torch")
+        expected = datasets.Dataset.from_parquet(str(shard)).with_format("torch")
+        torch.testing.assert_close(double["latent_mean"], expected["latent_mean"], atol=1e-5, rtol=1e-4)
+    assert json.loads((tmp_path / "double" / "latents_info.json").read_text())["num_examples"] == 60

@@ -46,13 +46,7 @@ TINY_TRANSFORMER = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def write_config(tmp_path: Path, config: dict, name: str) -> str:

@@ -660,8 +660,9 @@ def load_training_dataset(
 
 
 def collate_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stacks examples into `{"pixel_values": (B, C, H, W), "class_labels": (B,)}`."""
-    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+    """Stacks examples into `{"pixel_values": (B, C, H, W), "class_labels": (B,)}` with torch's `default_collate`
+    (which, in a DataLoader worker, stacks straight into shared memory)."""
+    return torch.utils.data.default_collate(examples)
 
 
 class EpochSampler(torch.utils.data.Sampler):
