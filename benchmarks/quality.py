@@ -141,7 +141,7 @@ def load_fashion_mnist(data_dir: str | Path, split: str) -> tuple[np.ndarray, np
 
 def write_parquet_dataset(images: np.ndarray, labels: np.ndarray, path: str | Path) -> Path:
     """Save images ``(N, H, W)`` uint8 and labels ``(N,)`` as a parquet dataset with an ``image`` column (PNG) and a
-    ``label`` ClassLabel named after the Fashion-MNIST classes, which ``TrainingConfig.dataset_name`` can point at."""
+    ``label`` ClassLabel named after the Fashion-MNIST classes, which ``DataConfig.dataset_name`` can point at."""
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASS_NAMES))})
     dataset = datasets.Dataset.from_dict(
         {"image": [Image.fromarray(image) for image in images], "label": labels.tolist()}, features=features
