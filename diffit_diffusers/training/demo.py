@@ -48,14 +48,10 @@ def small_digits_config(
     on one CPU core). Its guided samples are read as the requested digit by ``digit_accuracy`` nearly always; the
     tests and ``benchmarks/bench_schedulers.py`` train it to judge samplers on a model that has learned something."""
     return TrainingConfig(
-        dataset_name="digits",
-        label_column="label",
-        resolution=8,
-        num_channels=1,
+        data=DataConfig(dataset_name="digits", label_column="label", resolution=8, num_channels=1, seed=seed),
         model_config="digits-8",
         objective=objective,
         output_dir=output_dir,
-        seed=seed,
         train_batch_size=64,
         learning_rate=2e-3,
         lr_warmup_steps=30,
