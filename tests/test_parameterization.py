@@ -20,6 +20,8 @@ from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNe
 from diffit_diffusers.loaders.single_file import official_scheduler
 from diffit_diffusers.models.denoiser import DENOISER_CLASSES, DenoiserParameterization, denoiser_class
 from diffit_diffusers.pipelines.denoiser_wrapper import SUPPORTED_SCHEDULERS
+from diffit_diffusers.training import DataConfig, TrainingConfig, build_objective
+from diffit_diffusers.training.trainer import build_denoiser
 
 
 #: Latents that the pipeline produced for the cases below before the parameterization fields existed (commit
@@ -204,3 +206,24 @@ def test_batch_size_may_repeat_the_label_count():
     assert images.images.shape == (4, 8, 8, 1)
     generators = [torch.Generator().manual_seed(i) for i in range(4)]
     assert pipe(class_labels=[0, 1], num_images_per_prompt=2, generator=generators, num_inference_steps=2).images
+
+
+@pytest.mark.parametrize(
+    "objective, expected",
+    [
+        ("edm", dict(parameterization="edm", sigma_data=0.5, learn_sigma=False)),
+        ("epsilon", dict(parameterization="vp", prediction_type="epsilon", learn_sigma=False)),
+        ("v_prediction", dict(parameterization="vp", prediction_type="v_prediction", learn_sigma=False)),
+        ("sample", dict(parameterization="vp", prediction_type="sample", learn_sigma=False)),
+        ("learned_sigma", dict(parameterization="vp", prediction_type="epsilon", learn_sigma=True)),
+    ],
+)
+@pytest.mark.parametrize("model_config", ["digits-8", "DiffiT-S/2"])
+def test_the_trainer_writes_its_objectives_parameterization(objective, expected, model_config):
+    config = TrainingConfig(data=DataConfig(dataset_name="digits"), model_config=model_config, objective=objective)
+    with torch.device("meta"):
+        model = build_denoiser(config, num_classes=10, in_channels=4, sample_size=8)
+    assert {name: model.config[name] for name in expected} == expected
+    assert model.out_channels == (8 if expected["learn_sigma"] else 4)
+    scheduler = build_objective(objective).make_scheduler()
+    DiffiTPipeline(denoiser=model, scheduler=scheduler)  # the saved scheduler is one the pipeline drives

@@ -139,8 +139,3 @@ def denoiser_class(name: str | None, source: str = "The config") -> type:
         raise ValueError(f"{source} names {name!r}; expected one of {', '.join(DENOISER_CLASSES)}.")
     return DENOISER_CLASSES[name]
 
-
-def parameterization_config_fields() -> tuple[str, ...]:
-    """Names of the config fields that record the parameterization."""
-    return tuple(asdict(DenoiserParameterization()))
-
