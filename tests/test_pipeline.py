@@ -24,6 +24,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel
@@ -190,7 +191,7 @@ def test_apply_guidance_only_touches_the_guided_channels():
     assert torch.equal(apply_guidance(cond, uncond, 2.0, None), torch.full((2, 8, 1, 1), 5.0))
 
 
-class RecordingDenoiser(torch.nn.Module):
+class RecordingDenoiser(CacheMixin, torch.nn.Module):
     """Stub denoiser: outputs the label as a constant map, so guidance arithmetic is visible in the output."""
 
     def __init__(self):
@@ -203,10 +204,11 @@ class RecordingDenoiser(torch.nn.Module):
         self.device = torch.device("cpu")
         self.calls = []
 
-    def forward(self, x, timestep, class_labels):
+    def forward(self, x, timestep, class_labels, return_dict=True):
         self.calls.append((x.shape[0], timestep.clone(), class_labels.clone()))
         value = (class_labels == self.null_class_id).float().view(-1, 1, 1, 1)  # cond -> 0, null -> 1
-        return Transformer2DModelOutput(sample=value.expand(-1, 8, 2, 2).clone())
+        output = value.expand(-1, 8, 2, 2).clone()
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
 
 def test_pipeline_guides_three_channels_and_passes_learned_variance():
@@ -220,7 +222,7 @@ def test_pipeline_guides_three_channels_and_passes_learned_variance():
 
     pipe = DiffiTPipeline.__new__(DiffiTPipeline)
     DiffusionPipeline.__init__(pipe)
-    pipe.register_modules(denoiser=stub, scheduler=CapturingDDPM(variance_type="learned_range"), vae=None)
+    pipe.register_modules(denoiser=stub, scheduler=CapturingDDPM(variance_type="learned_range"), vae=None, guider=None)
     pipe.register_to_config(
         id2label=None, default_num_inference_steps=4, default_guidance_scale=4.4,
         default_guidance_schedule="power_cosine", default_guidance_power=4.0, default_guided_channels=3,
