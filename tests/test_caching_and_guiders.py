@@ -1,6 +1,6 @@
 """diffusers' caches and guiders on DiffiT: every cache x model kind x guidance mode samples, zero-threshold caches
 equal uncached sampling, guiders equal DiffiT's rule where they should, and guidance moves samples toward the class
-on an analytic denoiser."""
+on the exact denoiser of ``test_schedulers_analytic``."""
 
 import pytest
 import torch
@@ -20,9 +20,8 @@ from diffusers.hooks import (
     TaylorSeerCacheConfig,
     TextKVCacheConfig,
 )
-from diffusers.models.cache_utils import CacheMixin
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from test_pipeline import randomise
+from test_schedulers_analytic import MEANS, AnalyticDenoiser
 
 from diffit_diffusers import DiffiTGuidance, DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel
 
@@ -42,9 +41,9 @@ def transformer():
 def unet():
     return randomise(
         DiffiTUNet2DModel(
-            sample_size=8, in_channels=3, out_channels=6, block_out_channels=(16, 32), layers_per_block=1,
+            sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
             window_size=4, attention_head_dim=8, norm_num_groups=8, time_embed_dim=32, num_classes=5,
-            class_dropout_prob=0.1,
+            class_dropout_prob=0.1, learn_sigma=True,
         )
     )
 
@@ -224,40 +223,6 @@ def test_bad_guiders_raise():
 # --- Guidance guides: an analytic denoiser ---------------------------------------------------------------------------
 
 
-class GaussianClassesDenoiser(CacheMixin, torch.nn.Module):
-    """Exact epsilon-prediction for data whose class ``k`` is ``N(mu_k, s^2 I)`` (two classes, equal priors).
-
-    With ``x_t = a x_0 + b eps`` (``a^2 = alphas_cumprod[t]``, ``b^2 = 1 - a^2``), ``x_t | k ~ N(a mu_k, v I)`` with
-    ``v = a^2 s^2 + b^2``, so ``E[x_0 | x_t, k] = mu_k + (a s^2 / v)(x_t - a mu_k)`` and ``eps = (x_t - a E[x_0]) / b``.
-    The null class averages the two posterior means with weights ``softmax_k(-|x_t - a mu_k|^2 / 2v)``.
-    """
-
-    def __init__(self, scheduler, spread: float = 0.8):
-        super().__init__()
-        self.config = type("Config", (), {"num_classes": 2, "sample_size": 2, "in_channels": 1})()
-        self.null_class_id = 2
-        self.dtype = torch.float32
-        self.device = torch.device("cpu")
-        self.means = torch.stack([torch.full((1, 2, 2), -0.5), torch.full((1, 2, 2), 0.5)])
-        self.spread = spread
-        self.alphas_cumprod = scheduler.alphas_cumprod
-
-    def forward(self, sample, timestep, class_labels, return_dict=True):
-        alpha_bar = self.alphas_cumprod[timestep.long()].view(-1, 1, 1, 1)
-        a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        v = alpha_bar * self.spread**2 + b**2
-        posterior_means = [mu + a * self.spread**2 / v * (sample - a * mu) for mu in self.means]
-        distances = torch.stack([((sample - a * mu) ** 2).flatten(1).sum(1) for mu in self.means])
-        log_weights = -distances / (2 * v.flatten())
-        weights = log_weights.softmax(0).view(2, -1, 1, 1, 1)
-        unconditional = weights[0] * posterior_means[0] + weights[1] * posterior_means[1]
-        labels = class_labels.view(-1, 1, 1, 1)
-        conditional = torch.where(labels == 0, posterior_means[0], posterior_means[1])
-        mean = torch.where(labels == self.null_class_id, unconditional, conditional)
-        eps = (sample - a * mean) / b
-        return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
-
-
 @pytest.mark.parametrize(
     "guidance",
     [
@@ -269,19 +234,21 @@ class GaussianClassesDenoiser(CacheMixin, torch.nn.Module):
     ids=["diffit_constant", "diffit_power_cosine", "cfg_interval", "apg"],
 )
 def test_guidance_moves_samples_toward_the_requested_class(guidance):
-    scheduler = DDIMScheduler(clip_sample=False)
-    pipe = DiffiTPipeline(denoiser=GaussianClassesDenoiser(scheduler), scheduler=scheduler)
+    """On the exact denoiser of a three-Gaussian mixture, guidance pushes each sample away from the other classes:
+    further along the direction from the mixture's centre to the requested class's mean."""
+    pipe = DiffiTPipeline(denoiser=AnalyticDenoiser(), scheduler=DDIMScheduler(clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
-    labels = torch.tensor([0, 1] * 200)
-    side = (2 * labels - 1).view(-1, 1, 1, 1).float()  # +1 where class 1 (mean +0.5) was requested
+    labels = torch.arange(3).repeat(100)
+    directions = MEANS - MEANS.mean(0)
+    directions = directions / directions.norm(dim=1, keepdim=True)
 
-    def toward_class(**kwargs):
+    def distance_toward_class(**kwargs):
         images = pipe(
             class_labels=labels, num_inference_steps=20, generator=torch.Generator().manual_seed(0),
             output_type="latent", **kwargs,
         ).images
-        return (images * side).mean().item()
+        return ((images.reshape(len(labels), -1) - MEANS.mean(0)) * directions[labels]).sum(1).mean().item()
 
-    unguided = toward_class()
-    assert unguided == pytest.approx(0.5, abs=0.05)  # the conditional distributions are sampled correctly
-    assert toward_class(**guidance) > unguided + 0.2
+    unguided = distance_toward_class()
+    assert unguided == pytest.approx((MEANS - MEANS.mean(0)).norm(dim=1).mean().item(), abs=0.05)
+    assert distance_toward_class(**guidance) > unguided + 0.1

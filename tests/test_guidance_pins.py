@@ -2,7 +2,7 @@
 
 ``tests/data/guidance_pins`` holds two tiny random-weight denoisers and the latents ``DiffiTPipeline`` sampled with them
 at commit 5b5497c (before guidance became a guider): power-cosine and constant guidance, 2 or 3 guided channels,
-learned variance, DDPM / DDIM / EDM schedulers.
+learned variance, DDPM and DDIM schedulers.
 """
 
 import json

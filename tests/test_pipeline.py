@@ -24,7 +24,6 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
-from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel
@@ -191,7 +190,7 @@ def test_apply_guidance_only_touches_the_guided_channels():
     assert torch.equal(apply_guidance(cond, uncond, 2.0, None), torch.full((2, 8, 1, 1), 5.0))
 
 
-class RecordingDenoiser(CacheMixin, torch.nn.Module):
+class RecordingDenoiser(torch.nn.Module):
     """Stub denoiser: outputs the label as a constant map, so guidance arithmetic is visible in the output."""
 
     def __init__(self):

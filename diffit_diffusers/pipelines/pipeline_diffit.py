@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+from contextlib import nullcontext
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.guiders.guider_utils import BaseGuidance
 from diffusers.hooks import FasterCacheConfig, PyramidAttentionBroadcastConfig
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -275,13 +277,13 @@ class DiffiTPipeline(DiffusionPipeline):
             )
         # Caches that keep one state for every call (not per `cache_context`) need the same batch at every step.
         fixed_batch = any(guided_steps) and isinstance(
-            self.denoiser._cache_config, (PyramidAttentionBroadcastConfig, FasterCacheConfig)
+            self._denoiser_cache_config(), (PyramidAttentionBroadcastConfig, FasterCacheConfig)
         )
         labels_by_prediction = {
             "pred_cond": labels,
             "pred_uncond": None if self.null_class_id is None else torch.full_like(labels, self.null_class_id),
         }
-        if self.denoiser.is_cache_enabled:
+        if self._denoiser_cache_config() is not None:
             self.denoiser._reset_stateful_cache()
 
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
@@ -368,6 +370,10 @@ class DiffiTPipeline(DiffusionPipeline):
             guided.append(guider.num_conditions > 1)
         return guided
 
+    def _denoiser_cache_config(self) -> Any:
+        """The diffusers cache config enabled on the denoiser (``enable_cache``), ``None`` if none is."""
+        return self.denoiser._cache_config if isinstance(self.denoiser, CacheMixin) else None
+
     def _guided_prediction(
         self,
         guider: BaseGuidance,
@@ -388,7 +394,7 @@ class DiffiTPipeline(DiffusionPipeline):
         batches = guider.prepare_inputs({"class_labels": tuple(labels_by_prediction.values())})
         needed = [getattr(batch, guider._identifier_key) for batch in batches]
         computed = list(labels_by_prediction) if fixed_batch else needed
-        if isinstance(self.denoiser._cache_config, FasterCacheConfig):
+        if isinstance(self._denoiser_cache_config(), FasterCacheConfig):
             computed = sorted(computed, key=lambda name: name != "pred_uncond")  # FasterCache expects [uncond; cond]
         labels = [labels_by_prediction[name] for name in computed]
         model_labels = None if labels[0] is None else torch.cat(labels)
@@ -397,7 +403,8 @@ class DiffiTPipeline(DiffusionPipeline):
         timestep = step.denoiser_timestep.expand(batched_input.shape[0])
         for _ in batches:
             guider.prepare_models(self.denoiser)
-        with self.denoiser.cache_context("+".join(computed)):
+        cache_context = self.denoiser.cache_context if isinstance(self.denoiser, CacheMixin) else nullcontext
+        with cache_context("+".join(computed)):
             output = self.denoiser(batched_input, timestep=timestep, class_labels=model_labels, return_dict=False)[0]
         outputs = dict(zip(computed, output.chunk(len(computed))))
         prediction_channels = model_input.shape[1]
