@@ -13,4 +13,4 @@ from .models import (
     TimeDependentSelfAttention,
 )
 from .presets import available_presets, load_preset_config
-from .pipelines import DiffiTPipeline
+from .pipelines import DiffiTGuidance, DiffiTPipeline

@@ -203,10 +203,11 @@ class RecordingDenoiser(torch.nn.Module):
         self.device = torch.device("cpu")
         self.calls = []
 
-    def forward(self, x, timestep, class_labels):
+    def forward(self, x, timestep, class_labels, return_dict=True):
         self.calls.append((x.shape[0], timestep.clone(), class_labels.clone()))
         value = (class_labels == self.null_class_id).float().view(-1, 1, 1, 1)  # cond -> 0, null -> 1
-        return Transformer2DModelOutput(sample=value.expand(-1, 8, 2, 2).clone())
+        output = value.expand(-1, 8, 2, 2).clone()
+        return Transformer2DModelOutput(sample=output) if return_dict else (output,)
 
 
 def test_pipeline_guides_three_channels_and_passes_learned_variance():
@@ -220,7 +221,7 @@ def test_pipeline_guides_three_channels_and_passes_learned_variance():
 
     pipe = DiffiTPipeline.__new__(DiffiTPipeline)
     DiffusionPipeline.__init__(pipe)
-    pipe.register_modules(denoiser=stub, scheduler=CapturingDDPM(variance_type="learned_range"), vae=None)
+    pipe.register_modules(denoiser=stub, scheduler=CapturingDDPM(variance_type="learned_range"), vae=None, guider=None)
     pipe.register_to_config(
         id2label=None, default_num_inference_steps=4, default_guidance_scale=4.4,
         default_guidance_schedule="power_cosine", default_guidance_power=4.0, default_guided_channels=3,

@@ -4,6 +4,7 @@ from .attention import (
     TimeDependentExplicitAttnProcessor,
     TimeDependentSelfAttention,
 )
+from .cache_support import CacheLayout, DiffiTCacheMixin
 from .denoiser import DENOISER_CLASSES, DenoiserParameterization, DiffiTDenoiserMixin, denoiser_class, register_denoiser
 from .embeddings import DiffiTTimeEmbedding
 from .transformer_block import DiffiTTransformerBlock

@@ -12,6 +12,7 @@ from torch import nn
 from ..loaders.single_file import FromOriginalDiffiTMixin
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
+from .cache_support import CacheLayout, DiffiTCacheMixin
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
 from .transformer_block import DiffiTTransformerBlock
@@ -19,7 +20,13 @@ from .transformer_block import DiffiTTransformerBlock
 
 @register_denoiser
 class DiffiTTransformer2DModel(
-    DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin, FromOriginalDiffiTMixin
+    DiffiTDenoiserMixin,
+    DiffiTAttentionMixin,
+    DiffiTCacheMixin,
+    ModelMixin,
+    ConfigMixin,
+    PresetMixin,
+    FromOriginalDiffiTMixin,
 ):
     r"""The latent DiffiT denoiser (DiffiT-XL/2: 561M parameters, ImageNet-256 FID 1.73).
 
@@ -62,6 +69,11 @@ class DiffiTTransformer2DModel(
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTTransformerBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _cache_layout = CacheLayout(
+        attention_pattern=r"^transformer_blocks\.\d+\.attn$",
+        block_stack="transformer_blocks",
+        sample_argument="hidden_states",
+    )
 
     @register_to_config
     def __init__(

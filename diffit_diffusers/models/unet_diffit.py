@@ -21,6 +21,7 @@ from torch import nn
 
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
+from .cache_support import CacheLayout, DiffiTCacheMixin
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
 from .resampling import Downsample2x, Upsample2x
@@ -143,7 +144,9 @@ def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: 
 
 
 @register_denoiser
-class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin):
+class DiffiTUNet2DModel(
+    DiffiTDenoiserMixin, DiffiTAttentionMixin, DiffiTCacheMixin, ModelMixin, ConfigMixin, PresetMixin
+):
     """The image-space DiffiT denoiser (CIFAR-10 FID 1.95, FFHQ-64 2.22): a U-Net built from DiffiT ResBlocks.
 
     ``Conv3x3`` stem ``->`` encoder stages of ``layers_per_block`` ResBlocks (``DiffiTResBlock``) separated by
@@ -199,6 +202,11 @@ class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, C
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTResBlock"]
     _skip_layerwise_casting_patterns = ["norm"]
+    _cache_layout = CacheLayout(
+        attention_pattern=r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.resnets\.\d+\.transformer\.attn$",
+        block_stack=None,
+        sample_argument="sample",
+    )
 
     @register_to_config
     def __init__(

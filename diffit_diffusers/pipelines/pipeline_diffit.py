@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+from contextlib import nullcontext
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -12,6 +13,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.guiders.guider_utils import BaseGuidance
+from diffusers.hooks import FasterCacheConfig, PyramidAttentionBroadcastConfig
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -25,7 +29,8 @@ from ..loaders.single_file import (
 from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from ..models.denoiser import DENOISER_CLASSES, DiffiTDenoiserMixin
 from .denoiser_wrapper import DenoiserWrapper, apply_saved_parameterization, check_scheduler, is_edm_scheduler
-from .guidance import GUIDANCE_SCHEDULES, apply_guidance, guidance_weight
+from .guidance import GUIDANCE_SCHEDULES
+from .guiders import DiffiTGuidance, check_guider
 from .model_index import (
     check_pipeline_folder,
     download_pipeline_repo,
@@ -58,12 +63,14 @@ class DiffiTPipeline(DiffusionPipeline):
             conversion stores the official 4.4 here).
         default_guidance_schedule: ``"constant"`` or ``"power_cosine"``, used when ``guidance_schedule`` is ``None``.
         default_guidance_power: exponent of the power-cosine ramp, used when ``guidance_power`` is ``None``.
-        default_guided_channels: leading output channels that are guided when ``guided_channels`` is left out
-            (3 in DiffiT); ``None`` guides all channels.
+        default_guided_channels: leading prediction channels that are guided when ``guided_channels`` is left out
+            (3 in DiffiT); ``None`` guides all of them. A learned variance is never guided.
+        guider: a diffusers guider (``ClassifierFreeGuidance``, ``AdaptiveProjectedGuidance``, ``DiffiTGuidance``,
+            ...) used instead of the ``default_guidance_*`` settings; see ``__call__``.
     """
 
     model_cpu_offload_seq = "denoiser->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "guider"]
     _callback_tensor_inputs = ["latents"]
 
     def __init__(
@@ -77,6 +84,7 @@ class DiffiTPipeline(DiffusionPipeline):
         default_guidance_schedule: str = "constant",
         default_guidance_power: float = 4.0,
         default_guided_channels: int | None = 3,
+        guider: BaseGuidance | None = None,
     ):
         super().__init__()
         if not isinstance(denoiser, DiffiTDenoiserMixin):
@@ -91,7 +99,10 @@ class DiffiTPipeline(DiffusionPipeline):
                 f"Unknown guidance schedule {default_guidance_schedule!r}; choose one of "
                 f"{', '.join(GUIDANCE_SCHEDULES)}."
             )
-        self.register_modules(denoiser=denoiser, scheduler=scheduler, vae=vae)
+        if guider is not None:
+            check_guider(guider)
+        self.register_modules(denoiser=denoiser, scheduler=scheduler, vae=vae, guider=guider)
+        self._current_timestep = None
         id2label = {int(k): v for k, v in id2label.items()} if id2label else None
         self.register_to_config(
             id2label=id2label,
@@ -111,6 +122,12 @@ class DiffiTPipeline(DiffusionPipeline):
         if name == "scheduler":
             check_scheduler(value)
         super().__setattr__(name, value)
+
+    @property
+    def current_timestep(self) -> float | None:
+        """The step being sampled on the 0..T training scale (``None`` outside ``__call__``), for the timestep ranges
+        of diffusers' caches (``current_timestep_callback=lambda: pipe.current_timestep``)."""
+        return self._current_timestep
 
     @property
     def num_classes(self) -> int | None:
@@ -187,6 +204,7 @@ class DiffiTPipeline(DiffusionPipeline):
         guidance_schedule: str | None = None,
         guidance_power: float | None = None,
         guided_channels: int | None | str = "default",
+        guider: BaseGuidance | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -206,7 +224,14 @@ class DiffiTPipeline(DiffusionPipeline):
             guidance_scale: classifier-free guidance scale ``s``; ``1`` disables guidance.
             guidance_schedule: ``"constant"`` or ``"power_cosine"`` (ramp from no guidance at ``t = T`` to ``s``).
             guidance_power: exponent of the power-cosine ramp.
-            guided_channels: number of leading output channels that are guided (3 in DiffiT); ``None`` guides all.
+            guided_channels: number of leading prediction channels that are guided (3 in DiffiT); ``None`` guides
+                all. The four ``guidance_*``/``guided_channels`` settings build a ``DiffiTGuidance`` (missing ones
+                come from the pipeline's ``default_*`` config); they cannot be combined with a ``guider``.
+            guider: a diffusers guider that combines the conditional and null-class predictions of the denoiser
+                (in the denoiser's own output convention), e.g. ``ClassifierFreeGuidance(guidance_scale=2, start=0.2,
+                stop=0.8)`` for a guidance interval or ``AdaptiveProjectedGuidance``; default: the pipeline's
+                ``guider``, else ``DiffiTGuidance`` from the ``default_*`` config. While a guider needs both
+                predictions, one batched ``[cond; null]`` forward computes them.
             generator: a torch generator, or one per image, for reproducible sampling.
             latents: initial noise ``(B, C, H, W)`` in the denoiser's input space.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (the final denoiser-space
@@ -219,17 +244,11 @@ class DiffiTPipeline(DiffusionPipeline):
         Returns:
             ``ImagePipelineOutput`` with ``images``.
         """
-        config = self.config
-        num_inference_steps = config.default_num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = config.default_guidance_scale if guidance_scale is None else guidance_scale
-        guidance_schedule = guidance_schedule or config.default_guidance_schedule
-        guidance_power = config.default_guidance_power if guidance_power is None else guidance_power
-        guided_channels = config.default_guided_channels if guided_channels == "default" else guided_channels
         callback_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self._check_call_arguments(
-            output_type, guidance_schedule, guidance_scale, callback_inputs, num_inference_steps, batch_size,
-            num_images_per_prompt,
-        )
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
+        self._check_call_arguments(output_type, callback_inputs, num_inference_steps, batch_size, num_images_per_prompt)
+        guider = self._resolve_guider(guider, guidance_scale, guidance_schedule, guidance_power, guided_channels)
         device = self._execution_device
 
         labels = self._class_label_tensor(class_labels, batch_size, num_images_per_prompt, generator, device)
@@ -239,42 +258,42 @@ class DiffiTPipeline(DiffusionPipeline):
                 f"`generator` is a list of {len(generator)} generators but {total} images are sampled; pass one "
                 "generator per image or a single generator."
             )
-        do_guidance = guidance_scale > 1.0
-        if do_guidance and self.null_class_id is None:
-            raise ValueError(
-                "Classifier-free guidance needs a class-conditional denoiser with a null class "
-                "(`num_classes` set and `class_dropout_prob > 0` when it was trained); use `guidance_scale=1`."
-            )
-
         shape = self._latent_shape(total)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.denoiser.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, received {tuple(latents.shape)}.")
         latents = latents.to(device=device, dtype=self.denoiser.dtype) * self.scheduler.init_noise_sigma
-        model_labels = torch.cat([labels, torch.full_like(labels, self.null_class_id)]) if do_guidance else labels
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         wrapper = DenoiserWrapper(self.denoiser.parameterization, self.scheduler, prediction_channels=shape[1])
         timesteps = self.scheduler.timesteps
+        guidance_timesteps = [self._guidance_timestep(t, i, len(timesteps)) for i, t in enumerate(timesteps)]
+        guided_steps = self._guided_steps(guider, guidance_timesteps)
+        if any(guided_steps) and self.null_class_id is None:
+            raise ValueError(
+                "Classifier-free guidance needs a class-conditional denoiser with a null class "
+                "(`num_classes` set and `class_dropout_prob > 0` when it was trained); use `guidance_scale=1`."
+            )
+        # Caches that keep one state for every call (not per `cache_context`) need the same batch at every step.
+        fixed_batch = any(guided_steps) and isinstance(
+            self._denoiser_cache_config(), (PyramidAttentionBroadcastConfig, FasterCacheConfig)
+        )
+        labels_by_prediction = {
+            "pred_cond": labels,
+            "pred_uncond": None if self.null_class_id is None else torch.full_like(labels, self.null_class_id),
+        }
+        if self._denoiser_cache_config() is not None:
+            self.denoiser._reset_stateful_cache()
+
         takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         step_kwargs = {"generator": generator} if takes_generator else {}
         for i, t in enumerate(self.progress_bar(timesteps)):
+            self._current_timestep = guidance_timesteps[i]
             # The denoiser's output in its own convention (see denoiser_wrapper), guided there ...
             step = wrapper.prepare(self.scheduler.scale_model_input(latents, t), t)
-            model_input = torch.cat([step.denoiser_input] * 2) if do_guidance else step.denoiser_input
-            timestep = step.denoiser_timestep.expand(model_input.shape[0])
-            output = self.denoiser(model_input, timestep, model_labels).sample
-            if do_guidance:
-                conditional, unconditional = output.chunk(2)
-                weight = guidance_weight(
-                    self._guidance_timestep(t, i, len(timesteps)),
-                    guidance_scale,
-                    guidance_schedule,
-                    guidance_power,
-                    self.scheduler.config.get("num_train_timesteps", 1000),
-                )
-                output = apply_guidance(conditional, unconditional, weight, guided_channels)
+            guider.set_state(step=i, num_inference_steps=len(timesteps), timestep=guidance_timesteps[i])
+            output = self._guided_prediction(guider, step, labels_by_prediction, fixed_batch)
             # ... then in the scheduler's convention.
             latents = self.scheduler.step(step.scheduler_output(output), t, latents, **step_kwargs).prev_sample
 
@@ -283,6 +302,7 @@ class DiffiTPipeline(DiffusionPipeline):
                 callback_kwargs = {name: step_tensors[name] for name in callback_inputs}
                 callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
                 latents = callback_outputs.pop("latents", latents)
+        self._current_timestep = None
 
         if output_type == "latent":
             images = latents
@@ -302,11 +322,103 @@ class DiffiTPipeline(DiffusionPipeline):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def _resolve_guider(
+        self,
+        guider: BaseGuidance | None,
+        guidance_scale: float | None,
+        guidance_schedule: str | None,
+        guidance_power: float | None,
+        guided_channels: int | None | str,
+    ) -> BaseGuidance:
+        """The guider of this call: ``guider``, else a ``DiffiTGuidance`` from the ``guidance_*`` arguments, else the
+        pipeline's ``guider``, else a ``DiffiTGuidance`` from the pipeline's ``default_*`` config."""
+        settings = {
+            "guidance_scale": guidance_scale,
+            "schedule": guidance_schedule,
+            "power": guidance_power,
+            "guided_channels": guided_channels,
+        }
+        given = {name: value for name, value in settings.items() if value is not None and value != "default"}
+        if guided_channels is None:
+            given["guided_channels"] = None
+        if guider is not None or (self.guider is not None and not given):
+            if given:
+                raise ValueError(
+                    f"Pass either `guider` or the guidance settings {sorted(given)}, not both; configure the guider "
+                    "instead (e.g. `guider.new(guidance_scale=...)`)."
+                )
+            guider = guider if guider is not None else self.guider
+            check_guider(guider)
+            return guider
+        config = self.config
+        defaults = {
+            "guidance_scale": config.default_guidance_scale,
+            "schedule": config.default_guidance_schedule,
+            "power": config.default_guidance_power,
+            "guided_channels": config.default_guided_channels,
+        }
+        return DiffiTGuidance(
+            **{**defaults, **given}, num_train_timesteps=self.scheduler.config.get("num_train_timesteps", 1000)
+        )
+
+    @staticmethod
+    def _guided_steps(guider: BaseGuidance, training_timesteps: list[float]) -> list[bool]:
+        """Per step, whether ``guider`` will ask for the unconditional prediction too."""
+        guided = []
+        for step, timestep in enumerate(training_timesteps):
+            guider.set_state(step=step, num_inference_steps=len(training_timesteps), timestep=timestep)
+            guided.append(guider.num_conditions > 1)
+        return guided
+
+    def _denoiser_cache_config(self) -> Any:
+        """The diffusers cache config enabled on the denoiser (``enable_cache``), ``None`` if none is."""
+        return self.denoiser._cache_config if isinstance(self.denoiser, CacheMixin) else None
+
+    def _guided_prediction(
+        self,
+        guider: BaseGuidance,
+        step: Any,
+        labels_by_prediction: dict[str, torch.Tensor | None],
+        fixed_batch: bool,
+    ) -> torch.Tensor:
+        """One step's denoiser output, guided by ``guider`` (whose state is set for the step).
+
+        The predictions the guider asks for (``pred_cond``, and ``pred_uncond`` with null-class labels) come from one
+        batched forward of ``step.denoiser_input`` inside ``denoiser.cache_context``; with ``fixed_batch`` both are
+        always computed. The guider combines the prediction channels in the denoiser's own convention; a learned
+        variance is the conditional one.
+
+        Returns:
+            The guided denoiser output ``(B, C or 2C, H, W)``.
+        """
+        batches = guider.prepare_inputs({"class_labels": tuple(labels_by_prediction.values())})
+        needed = [getattr(batch, guider._identifier_key) for batch in batches]
+        computed = list(labels_by_prediction) if fixed_batch else needed
+        if isinstance(self._denoiser_cache_config(), FasterCacheConfig):
+            computed = sorted(computed, key=lambda name: name != "pred_uncond")  # FasterCache expects [uncond; cond]
+        labels = [labels_by_prediction[name] for name in computed]
+        model_labels = None if labels[0] is None else torch.cat(labels)
+        model_input = step.denoiser_input
+        batched_input = torch.cat([model_input] * len(computed)) if len(computed) > 1 else model_input
+        timestep = step.denoiser_timestep.expand(batched_input.shape[0])
+        for _ in batches:
+            guider.prepare_models(self.denoiser)
+        cache_context = self.denoiser.cache_context if isinstance(self.denoiser, CacheMixin) else nullcontext
+        with cache_context("+".join(computed)):
+            output = self.denoiser(batched_input, timestep=timestep, class_labels=model_labels, return_dict=False)[0]
+        outputs = dict(zip(computed, output.chunk(len(computed))))
+        prediction_channels = model_input.shape[1]
+        for batch in batches:
+            batch.noise_pred = outputs[getattr(batch, guider._identifier_key)][:, :prediction_channels]
+            guider.cleanup_models(self.denoiser)
+        prediction = guider(batches).pred
+        if output.shape[1] == prediction_channels:
+            return prediction
+        return torch.cat([prediction, outputs["pred_cond"][:, prediction_channels:]], dim=1)
+
     def _check_call_arguments(
         self,
         output_type: str,
-        guidance_schedule: str,
-        guidance_scale: float,
         callback_inputs: list[str],
         num_inference_steps: int,
         batch_size: int | None,
@@ -321,12 +433,6 @@ class DiffiTPipeline(DiffusionPipeline):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unsupported `output_type` {output_type!r}; choose one of {', '.join(OUTPUT_TYPES)}.")
-        if guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(
-                f"Unknown guidance schedule {guidance_schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}."
-            )
-        if guidance_scale < 1.0:
-            raise ValueError(f"`guidance_scale` must be >= 1 (1 disables guidance), got {guidance_scale}.")
         unknown = set(callback_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(
