@@ -23,6 +23,8 @@ setup(
         "numpy>=1.24",
         "Pillow>=9.0",
         "tqdm>=4.60",
+        # Training: YAML config files.
+        "pyyaml>=6.0",
         # Training: options parsed by HfArgumentParser, batches from torchdata's StatefulDataLoader.
         "transformers>=4.41,<6",
         "torchdata>=0.8,<0.12",
@@ -33,7 +35,6 @@ setup(
             "pytest>=8.0",
             "pytest-timeout>=2.2",
             "pytest-xdist>=3.5",
-            "pyyaml>=6.0",
             "scipy>=1.10",
             "scikit-learn>=1.3",
             "tensorboard>=2.14",
