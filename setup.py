@@ -23,6 +23,7 @@ setup(
         "numpy>=1.24",
         "Pillow>=9.0",
         "tqdm>=4.60",
+        # Training: YAML config files.
         "pyyaml>=6.0",
         # Training: options parsed by HfArgumentParser, batches from torchdata's StatefulDataLoader.
         "transformers>=4.41,<6",
@@ -30,9 +31,17 @@ setup(
     ],
     extras_require={
         "train": ["tensorboard>=2.14", "scikit-learn>=1.3"],
-        "test": ["pytest>=8.0", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "scikit-learn>=1.3", "tensorboard>=2.14"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-timeout>=2.2",
+            "pytest-xdist>=3.5",
+            "scipy>=1.10",
+            "scikit-learn>=1.3",
+            "tensorboard>=2.14",
+            "torchmetrics>=1.4",
+        ],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff>=0.6"],
-        "eval": ["scipy>=1.10"],
+        "eval": ["torchmetrics>=1.4"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -45,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel, load_preset_config
+from diffit_diffusers.utils import TORCH_DTYPES
 
 
 #: diffusers' ``UNet2DModel`` with the DDPM CIFAR-10 layout (Ho et al. 2020; 35.7M parameters).
@@ -408,7 +409,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -420,7 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dtype",
-        choices=["auto", *DTYPES],
+        choices=["auto", *TORCH_DTYPES],
         default="auto",
         help="autocast dtype for everything timed; auto = bfloat16 on CUDA, float32 elsewhere",
     )
@@ -453,7 +453,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was requested but CUDA is not available; use --device cpu.")
     on_cuda = args.device.type == "cuda"
-    args.dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if on_cuda else torch.float32)
+    args.dtype = TORCH_DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if on_cuda else torch.float32)
     if args.compile_backend == "auto":
         args.compile_backend = "inductor" if on_cuda else None
     elif args.compile_backend == "none":

@@ -23,9 +23,7 @@ from .hub import create_model_card
 from .loaders.single_file import DEFAULT_VAE, NVIDIA_REPO_ID, CheckpointConversionError, describe_config
 from .models import DiffiTTransformer2DModel
 from .pipelines import DiffiTPipeline
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from .utils import TORCH_DTYPES
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -109,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transformer_only", action="store_true", help="write only the transformer folder, no pipeline"
     )
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: keep the checkpoint's)"
+        "--dtype", choices=sorted(TORCH_DTYPES), default=None, help="cast the weights (default: keep the checkpoint's)"
     )
     return parser
 
@@ -117,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (1 for a checkpoint or path problem)."""
     args = build_parser().parse_args(argv)
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype = TORCH_DTYPES[args.dtype] if args.dtype else None
     try:
         if args.transformer_only:
             model = convert_checkpoint(args.checkpoint, args.output_dir, dtype=dtype)

@@ -119,7 +119,8 @@ def without_timing(report):
 
 def test_cli_writes_a_complete_report_and_is_reproducible(workspace, fresh_accelerate_state, capsys):
     args = cli_args(
-        workspace, "--feature_layer", "3", "--precision_recall", "--max_pr_samples", "5", "--inception_score",
+        workspace, "--feature_layer", "3", "--precision_recall", "--kid", "--kid_subsets", "3",
+        "--max_feature_samples", "5", "--inception_score",
         "--inception_score_splits", "2", "--seed", "3", "--output", str(workspace / "out" / "report.json"),
         "--save_samples", str(workspace / "samples"),
     )
@@ -128,14 +129,15 @@ def test_cli_writes_a_complete_report_and_is_reproducible(workspace, fresh_accel
     assert written == report == json.loads(capsys.readouterr().out)
     expected_keys = {
         "feature_extractor", "num_samples", "reference_num_samples", "frechet_distance", "precision", "recall",
-        "precision_recall_k", "precision_recall_num_real", "precision_recall_num_fake", "inception_score",
+        "precision_recall_k", "kid", "kid_std", "kid_subsets", "kid_subset_size", "num_real_features",
+        "num_fake_features", "inception_score",
         "inception_score_std", "pipeline", "num_inference_steps", "guidance_scale", "guidance_schedule",
         "class_labels", "seed", "batch_size", "num_processes", "seconds", "samples_per_second",
     }
     assert set(report) == expected_keys
     assert report["feature_extractor"] == "module:classifier.pt:3"
     assert report["num_samples"] == 6 and report["reference_num_samples"] == 8
-    assert report["precision_recall_num_fake"] == report["precision_recall_num_real"] == 5
+    assert report["num_fake_features"] == report["num_real_features"] == report["kid_subset_size"] == 5
     assert report["pipeline"] == str(workspace / "pipeline")
     assert (report["num_inference_steps"], report["guidance_scale"], report["class_labels"]) == (2, 1.0, "balanced")
     assert report["seed"] == 3 and report["num_processes"] == 1
@@ -404,7 +406,7 @@ def test_two_processes_sample_the_same_images_and_report_the_same_metrics(worksp
     from accelerate.state import AcceleratorState
 
     # 7 samples: uneven shards of 3 and 4 samples, in batches of 2.
-    common = ["--num_samples", "7", "--feature_layer", "3", "--precision_recall", "--max_pr_samples", "5",
+    common = ["--num_samples", "7", "--feature_layer", "3", "--precision_recall", "--kid", "--max_feature_samples", "5",
               "--inception_score", "--inception_score_splits", "2", "--batch_size", "2"]
     single = main([*cli_args(workspace, *common), "--save_samples", str(workspace / "single")])
     AcceleratorState._reset_state(True)  # the forked processes must not inherit the single-process state
@@ -417,5 +419,5 @@ def test_two_processes_sample_the_same_images_and_report_the_same_metrics(worksp
     double = json.loads((workspace / "double.json").read_text())
     assert double["num_processes"] == 2 and double["num_samples"] == 7
     assert np.abs(read_pngs(workspace / "single") - read_pngs(workspace / "double")).max() <= 1
-    for key in ("frechet_distance", "precision", "recall", "inception_score", "inception_score_std"):
+    for key in ("frechet_distance", "precision", "recall", "kid", "kid_std", "inception_score", "inception_score_std"):
         assert double[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key

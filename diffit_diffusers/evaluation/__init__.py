@@ -1,4 +1,5 @@
-"""Sample-quality evaluation for generative models: FID/FD, Inception Score, and k-NN precision/recall."""
+"""Sample-quality evaluation for generative models: FID/FD, KID and Inception Score by torchmetrics, and k-NN
+precision/recall."""
 
 from .evaluate import evaluate_samples
 from .feature_extractors import (
@@ -10,7 +11,7 @@ from .feature_extractors import (
     ModuleFeatureExtractor,
     images_to_unit_range,
 )
-from .metrics import PrecisionRecall, frechet_distance, inception_score, precision_recall
+from .metrics import PrecisionRecall, inception_score, kernel_inception_distance, precision_recall
 from .pipeline_evaluation import (
     build_feature_extractor,
     class_labels_for_samples,
@@ -19,11 +20,10 @@ from .pipeline_evaluation import (
     load_module_file,
     match_channels,
     quantize_images,
-    sample_generator,
     save_images,
 )
 from .reference import compute_reference_statistics, iterate_image_batches
-from .statistics import FeatureReservoir, FeatureStatistics, gather_statistics
+from .statistics import FeatureInput, FeatureReservoir, FeatureStatistics, frechet_distance_metric
 
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "INCEPTION_WEIGHTS_URL",
     "FeatureExtractor",
     "FeatureExtractorOutput",
+    "FeatureInput",
     "FeatureReservoir",
     "FeatureStatistics",
     "InceptionFeatureExtractor",
@@ -42,15 +43,14 @@ __all__ = [
     "evaluate_pipeline",
     "evaluate_samples",
     "extractor_input_channels",
-    "frechet_distance",
-    "gather_statistics",
+    "frechet_distance_metric",
     "images_to_unit_range",
     "inception_score",
     "iterate_image_batches",
+    "kernel_inception_distance",
     "load_module_file",
     "match_channels",
     "precision_recall",
     "quantize_images",
-    "sample_generator",
     "save_images",
 ]

@@ -1,4 +1,4 @@
-"""Command line of ``examples/evaluate.py``: sample a saved pipeline and report FID/FD, precision/recall and IS."""
+"""Command line of ``examples/evaluate.py``: sample a saved pipeline and report FID/FD, KID, precision/recall and IS."""
 
 import argparse
 import json
@@ -14,9 +14,9 @@ from .pipeline_evaluation import CLASS_LABEL_MODES, build_feature_extractor, eva
 from ..dataset_sources import looks_like_local_path
 from .reference import compute_reference_statistics
 from .statistics import FeatureReservoir
+from ..utils import TORCH_DTYPES
 
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Errors a user can fix (bad paths, files, settings); anything else keeps its traceback.
 USER_ERRORS = (ValueError, OSError, ImportError)
 # Other processes wait in a collective while the main process computes the reference statistics, which can take
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate.py",
         description=(
             "Sample a DiffiT pipeline and compare the samples with reference images: Frechet distance (FID with the "
-            "Inception extractor), optionally precision/recall and Inception Score. Run with `accelerate launch` to "
+            "Inception extractor), optionally KID, precision/recall and Inception Score. Run with `accelerate launch` to "
             "sample on several GPUs; the report does not depend on the number of processes."
         ),
     )
@@ -132,11 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         "layer); with --inception_score the module's output serve as class logits.",
     )
     metrics.add_argument("--precision_recall", action="store_true", help="Compute k-NN precision and recall.")
+    metrics.add_argument("--kid", action="store_true", help="Compute the Kernel Inception Distance.")
+    metrics.add_argument("--kid_subsets", type=_positive_int, default=100, help="Random subsets KID averages over.")
     metrics.add_argument(
-        "--max_pr_samples",
+        "--kid_subset_size", type=_positive_int, default=1000, help="Features per KID subset (at most those kept)."
+    )
+    metrics.add_argument(
+        "--max_feature_samples",
         type=_positive_int,
         default=10000,
-        help="Real and generated features kept for precision/recall.",
+        help="Real and generated features kept for precision/recall and KID.",
     )
     metrics.add_argument("--inception_score", action="store_true", help="Compute the Inception Score.")
     metrics.add_argument(
@@ -225,7 +230,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     )
 
     def reference_statistics():
-        reservoir = FeatureReservoir(args.max_pr_samples, seed=args.seed) if args.precision_recall else None
+        keeps_features = args.precision_recall or args.kid
+        reservoir = FeatureReservoir(args.max_feature_samples, seed=args.seed) if keeps_features else None
         statistics = compute_reference_statistics(
             args.reference,
             extractor,
@@ -249,17 +255,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         batch_size=args.batch_size,
         extractor=extractor,
         reference=reference,
-        real_features_for_pr=real_features,
+        real_features=real_features,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         guidance_schedule=args.guidance_schedule,
         class_labels=args.class_labels,
         seed=args.seed,
         accelerator=accelerator,
+        compute_pr=args.precision_recall,
+        compute_kid=args.kid,
         compute_is=args.inception_score,
         show_progress=not args.no_progress,
         save_samples_dir=args.save_samples,
-        max_pr_samples=args.max_pr_samples,
+        max_feature_samples=args.max_feature_samples,
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
         is_splits=args.inception_score_splits,
     )
 

@@ -1,111 +1,84 @@
-"""Sample-quality metrics computed from features: Frechet distance, Inception Score, k-NN precision/recall."""
+"""Sample-quality metrics computed from features: KID and Inception Score by torchmetrics, k-NN precision/recall."""
 
+import warnings
 from typing import NamedTuple, Tuple, Union
 
 import numpy as np
 import torch
 
+from .statistics import FeatureInput, import_torchmetrics_image, validate_features
+
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
+# torchmetrics warns that KID and IS keep every feature; callers here pass bounded feature sets.
+_FEATURE_BUFFER_WARNING = ".*will save all extracted features in buffer"
 
 
-def _as_float64_array(value: ArrayLike, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    array = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"`{name}` contains NaN or infinite values.")
-    return array
+def kernel_inception_distance(
+    real_features: ArrayLike, fake_features: ArrayLike, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> Tuple[float, float, int]:
+    """Kernel Inception Distance (Binkowski et al., 2018) by torchmetrics' ``KernelInceptionDistance``.
 
-
-def _symmetric_psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix; rounding-level negative eigenvalues become 0."""
-    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
-
-
-def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
-    """
-    Frechet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2):
-    ``|mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))``.
-
-    The trace of the matrix square root is computed as the sum of square roots of the eigenvalues of the symmetric
-    positive semi-definite matrix ``sigma1^(1/2) sigma2 sigma1^(1/2)`` (which has the same spectrum as
-    ``sigma1 sigma2``). Unlike ``scipy.linalg.sqrtm(sigma1 @ sigma2)`` this needs no epsilon offset for singular
-    covariances (fewer samples than feature dimensions) and never produces imaginary parts.
+    The unbiased MMD^2 estimate with the cubic polynomial kernel ``k(x, y) = (x.y / D + 1)^3``, averaged over
+    ``subsets`` random subsets of ``subset_size`` rows of each set, drawn from a generator seeded with ``seed``.
 
     Args:
-        mu1 (np.ndarray or torch.Tensor): mean ``(D,)`` of the first set.
-        sigma1 (np.ndarray or torch.Tensor): symmetric covariance ``(D, D)`` of the first set.
-        mu2 (np.ndarray or torch.Tensor): mean ``(D,)`` of the second set.
-        sigma2 (np.ndarray or torch.Tensor): symmetric covariance ``(D, D)`` of the second set.
+        real_features (np.ndarray or torch.Tensor): features ``(N_real, D)`` of real images.
+        fake_features (np.ndarray or torch.Tensor): features ``(N_fake, D)`` of generated images.
+        subsets (int): number of subsets.
+        subset_size (int): rows per subset; reduced to ``min(N_real, N_fake)`` when larger.
+        seed (int): seed of the subset draws.
 
     Returns:
-        The distance (>= 0).
+        The mean and the (population) standard deviation over the subsets, and the subset size used.
     """
-    mu1, mu2 = _as_float64_array(mu1, "mu1"), _as_float64_array(mu2, "mu2")
-    sigma1, sigma2 = _as_float64_array(sigma1, "sigma1"), _as_float64_array(sigma2, "sigma2")
-    for mu, sigma, index in ((mu1, sigma1, 1), (mu2, sigma2, 2)):
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(
-                f"Expected mu{index} of shape (D,) and sigma{index} of shape (D, D), got {mu.shape} and {sigma.shape}."
-            )
-    if mu1.shape != mu2.shape:
-        raise ValueError(
-            f"The two statistics have different feature dimensions ({mu1.shape[0]} vs {mu2.shape[0]}); they must "
-            "come from the same feature extractor."
+    KernelInceptionDistance = import_torchmetrics_image("kid").KernelInceptionDistance
+    real = validate_features(real_features, None)
+    fake = validate_features(fake_features, real.shape[1])
+    subset_size = min(subset_size, real.shape[0], fake.shape[0])
+    if subset_size < 2:
+        raise ValueError(f"KID needs at least 2 real and 2 generated features, got {real.shape[0]} and {fake.shape[0]}.")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FEATURE_BUFFER_WARNING, category=UserWarning)
+        metric = KernelInceptionDistance(
+            feature=FeatureInput(real.shape[1]), subsets=subsets, subset_size=subset_size, sync_on_compute=False
         )
-    sqrt_sigma1 = _symmetric_psd_sqrt(sigma1)
-    product = sqrt_sigma1 @ ((sigma2 + sigma2.T) / 2) @ sqrt_sigma1
-    trace_sqrt_product = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0.0, None)).sum()
-    difference = mu1 - mu2
-    distance = difference @ difference + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product
-    # The distance is non-negative; only rounding can push it (by ~1e-12 relative) below zero.
-    return float(max(distance, 0.0))
+    metric.update(real, real=True)
+    metric.update(fake.to(real.device), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std), subset_size
 
 
-def inception_score(logits_or_probs: ArrayLike, splits: int = 10, input_type: str = "auto") -> Tuple[float, float]:
-    """
-    Inception Score ``exp(E_x KL(p(y|x) || p(y)))``, averaged over ``splits`` contiguous chunks of the samples.
+def inception_score(logits: ArrayLike, splits: int = 10, seed: int = 0) -> Tuple[float, float]:
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` by torchmetrics' ``InceptionScore``.
+
+    The samples are shuffled with a generator seeded with ``seed`` and scored in ``splits`` chunks.
 
     Args:
-        logits_or_probs (np.ndarray or torch.Tensor): class logits or probabilities ``(N, num_classes)``.
-        splits (int): number of chunks; the score is computed per chunk (the 50K-sample convention uses 10 chunks of
-            5K).
-        input_type (str): ``"logits"`` (softmax is applied), ``"probabilities"``, or ``"auto"``, which treats the
-            input as probabilities when every row is non-negative and sums to 1.
+        logits (np.ndarray or torch.Tensor): class logits ``(N, num_classes)``.
+        splits (int): number of chunks (the 50K-sample convention uses 10 chunks of 5K).
+        seed (int): seed of the shuffle.
 
     Returns:
-        The mean and the (population) standard deviation of the per-chunk scores.
+        The mean and the (unbiased) standard deviation of the per-chunk scores; the deviation is ``nan`` for one chunk.
     """
-    values = torch.as_tensor(_as_float64_array(logits_or_probs, "logits_or_probs"))
-    if values.ndim != 2 or values.shape[1] < 2:
-        raise ValueError(
-            f"Expected logits or probabilities of shape (N, num_classes >= 2), got {tuple(values.shape)}."
-        )
-    if not isinstance(splits, int) or splits < 1:
-        raise ValueError(f"`splits` must be a positive integer, got {splits!r}.")
-    if values.shape[0] < splits:
-        raise ValueError(f"Need at least `splits`={splits} samples, got {values.shape[0]}.")
-    if input_type not in ("auto", "logits", "probabilities"):
-        raise ValueError(f"`input_type` must be 'auto', 'logits' or 'probabilities', got {input_type!r}.")
-    looks_like_probabilities = bool(
-        (values >= 0).all() and torch.allclose(values.sum(dim=1), torch.ones(1, dtype=values.dtype), atol=1e-4)
-    )
-    if input_type == "probabilities" and not looks_like_probabilities:
-        raise ValueError("`input_type='probabilities'` but the rows are not non-negative and summing to 1.")
-    if input_type == "logits" or (input_type == "auto" and not looks_like_probabilities):
-        probabilities = torch.softmax(values, dim=1)
-    else:
-        probabilities = values / values.sum(dim=1, keepdim=True)
-
-    scores = []
-    for chunk in torch.tensor_split(probabilities, splits):
-        marginal = chunk.mean(dim=0, keepdim=True)
-        kl_divergence = (torch.xlogy(chunk, chunk) - torch.xlogy(chunk, marginal)).sum(dim=1)
-        scores.append(torch.exp(kl_divergence.mean()))
-    scores = torch.stack(scores)
-    return float(scores.mean()), float(scores.std(unbiased=False))
+    InceptionScore = import_torchmetrics_image("inception").InceptionScore
+    logits = validate_features(logits, None)
+    if logits.shape[1] < 2:
+        raise ValueError(f"Expected logits of shape (N, num_classes >= 2), got {tuple(logits.shape)}.")
+    if not isinstance(splits, int) or not 1 <= splits <= logits.shape[0]:
+        raise ValueError(f"`splits` must be an integer in [1, {logits.shape[0]}] (the sample count), got {splits!r}.")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FEATURE_BUFFER_WARNING, category=UserWarning)
+        metric = InceptionScore(feature=FeatureInput(logits.shape[1]), splits=splits, sync_on_compute=False)
+    metric.update(logits)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="std\\(\\): degrees of freedom", category=UserWarning)
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 class PrecisionRecall(NamedTuple):

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .evaluate import build_metrics_report, check_evaluation_inputs, check_feature_dim
+from ..utils import seeded_generator
+from .evaluate import build_metrics_report, check_evaluation_inputs
 from .feature_extractors import FeatureExtractor, InceptionFeatureExtractor, ModuleFeatureExtractor
-from .statistics import FeatureStatistics, gather_statistics
+from .statistics import FeatureStatistics, frechet_distance_metric, validate_features
 
 
 ClassLabels = Union[str, Sequence[int], None]
@@ -177,12 +178,6 @@ def build_feature_extractor(
 # ----------------------------------------------------------------------------------------------------- sampling
 
 
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator for sample ``index`` of a run seeded with ``seed``, independent of batching and processes."""
-    state = np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 def class_labels_for_samples(
     class_labels: ClassLabels, num_classes: Optional[int], num_samples: int, seed: int = 0
 ) -> Optional[torch.Tensor]:
@@ -269,24 +264,29 @@ def evaluate_pipeline(
     batch_size: int,
     extractor: FeatureExtractor,
     reference: FeatureStatistics,
-    real_features_for_pr: Optional[torch.Tensor] = None,
+    real_features: Optional[torch.Tensor] = None,
     num_inference_steps: Optional[int] = None,
     guidance_scale: Optional[float] = None,
     guidance_schedule: Optional[str] = None,
     class_labels: ClassLabels = "balanced",
     seed: int = 0,
     accelerator=None,
+    compute_pr: bool = False,
+    compute_kid: bool = False,
     compute_is: bool = False,
     show_progress: bool = True,
     save_samples_dir: Optional[Union[str, os.PathLike]] = None,
-    max_pr_samples: int = 10000,
+    max_feature_samples: int = 10000,
     k: int = 3,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
     is_splits: int = 10,
 ) -> Dict[str, Any]:
     """
     Samples ``num_samples`` images from a ``DiffiTPipeline`` in batches and evaluates them against ``reference``,
-    streaming: only feature statistics, the features of at most ``max_pr_samples`` samples (for precision/recall)
-    and, with ``compute_is``, the class logits are kept.
+    streaming: the Frechet distance accumulates in torchmetrics' ``FrechetInceptionDistance``; only the features of
+    at most ``max_feature_samples`` samples (for precision/recall and KID) and, with ``compute_is``, the class logits
+    are kept.
 
     Sample ``i`` is drawn from its own generator (seeded from ``seed`` and ``i``) with its own label, so the samples do
     not depend on ``batch_size`` or on the number of processes. Samples are rounded to uint8 (as saved to PNG) before
@@ -295,8 +295,9 @@ def evaluate_pipeline(
     The pipeline's own per-step progress bar is disabled.
 
     With an ``accelerate.Accelerator``, every process must call this function: each samples a contiguous share of
-    the indices on ``accelerator.device``, the statistics are merged with ``gather_statistics``, the precision/recall
-    features and logits are gathered, and the main process computes the report, which every process returns.
+    the indices on ``accelerator.device``, torchmetrics sums the Frechet distance state over the processes (the
+    reference enters on the main process only), the kept features and logits are gathered in sample order, and the
+    main process computes the report, which every process returns.
 
     Args:
         pipeline (DiffiTPipeline): the pipeline to sample from.
@@ -304,26 +305,31 @@ def evaluate_pipeline(
         batch_size (int): samples per pipeline call on each process.
         extractor (FeatureExtractor): the same extractor that produced ``reference``.
         reference (FeatureStatistics): statistics of the real images.
-        real_features_for_pr (torch.Tensor, optional): real features ``(N_real, D)``; when given, precision and
-            recall are computed against the features of a random subset of ``max_pr_samples`` samples.
+        real_features (torch.Tensor, optional): real features ``(N_real, D)``, needed by precision/recall and KID,
+            which compare them with the features of a random subset of ``max_feature_samples`` samples.
         num_inference_steps (int, optional): sampler steps; ``None`` uses the pipeline's default.
         guidance_scale (float, optional): guidance scale; ``None`` uses the pipeline's default.
         guidance_schedule (str, optional): ``"constant"`` or ``"power_cosine"``; ``None`` uses the pipeline's default.
         class_labels (str or Sequence[int], optional): see ``class_labels_for_samples``.
-        seed (int): seed of the samples, the ``"random"`` labels and the precision/recall subset.
+        seed (int): seed of the samples, the ``"random"`` labels, the kept-feature subset, the KID subsets and the
+            Inception Score shuffle.
         accelerator (accelerate.Accelerator, optional): distributes the sampling; the pipeline and the extractor
             are moved to its device. Without it, everything runs where the pipeline and the extractor are.
+        compute_pr (bool): compute k-NN precision and recall.
+        compute_kid (bool): compute the Kernel Inception Distance.
         compute_is (bool): compute the Inception Score from the extractor's logits.
         show_progress (bool): show a progress bar (on the main process).
         save_samples_dir (str or os.PathLike, optional): also write every sample as ``{index:06d}.png`` here.
-        max_pr_samples (int): number of samples whose features are kept for precision/recall.
+        max_feature_samples (int): number of samples whose features are kept for precision/recall and KID.
         k (int): neighbourhood size of precision/recall.
+        kid_subsets (int): number of KID subsets.
+        kid_subset_size (int): rows per KID subset.
         is_splits (int): chunks of the Inception Score.
 
     Returns:
         A JSON-serialisable report with the metrics of ``evaluate_samples`` (``feature_extractor``, ``num_samples``,
             ``reference_num_samples``, ``frechet_distance``, ``fid`` for the standard Inception, and when requested
-            ``precision``, ``recall``, ``precision_recall_*``, ``inception_score``, ``inception_score_std``), the
+            ``precision``, ``recall``, ``kid``, ``inception_score`` and their companions), the
             sampling settings ``pipeline`` (its path when known), ``num_inference_steps``, ``guidance_scale``,
             ``guidance_schedule``, ``class_labels``, ``seed``, ``batch_size``, ``num_processes``, and the timing
             ``seconds`` and ``samples_per_second``.
@@ -334,21 +340,21 @@ def evaluate_pipeline(
     _check_positive_int(num_samples, "num_samples", minimum=max(2, num_processes))
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(seed, "seed", minimum=0)
-    _check_positive_int(max_pr_samples, "max_pr_samples")
+    _check_positive_int(max_feature_samples, "max_feature_samples")
     if num_inference_steps is not None:
         _check_positive_int(num_inference_steps, "num_inference_steps")
-    real_features_for_pr = check_evaluation_inputs(extractor, reference, compute_is, real_features_for_pr)
+    real_features = check_evaluation_inputs(extractor, reference, real_features, compute_pr, compute_kid, compute_is)
 
     config = pipeline.config
     num_inference_steps = num_inference_steps or config.get("default_num_inference_steps")
     guidance_scale = config.get("default_guidance_scale") if guidance_scale is None else guidance_scale
     guidance_schedule = guidance_schedule or config.get("default_guidance_schedule")
     labels = class_labels_for_samples(class_labels, pipeline.num_classes, num_samples, seed)
-    pr_sample_mask = None
-    if real_features_for_pr is not None:
-        kept = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))[:max_pr_samples]
-        pr_sample_mask = torch.zeros(num_samples, dtype=torch.bool)
-        pr_sample_mask[kept] = True
+    kept_sample_mask = None
+    if compute_pr or compute_kid:
+        kept = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))[:max_feature_samples]
+        kept_sample_mask = torch.zeros(num_samples, dtype=torch.bool)
+        kept_sample_mask[kept] = True
     if save_samples_dir is not None:
         Path(save_samples_dir).mkdir(parents=True, exist_ok=True)
     if accelerator is not None:
@@ -361,8 +367,10 @@ def evaluate_pipeline(
     local_indices = torch.arange(
         process_index * num_samples // num_processes, (process_index + 1) * num_samples // num_processes
     )
-    statistics = FeatureStatistics(dim=reference.dim, device=extractor.device)
-    pr_indices, pr_features, logit_batches = [], [], []
+    metric = frechet_distance_metric(reference.dim, extractor.device)
+    if is_main_process:
+        reference.load_into(metric)
+    kept_indices, kept_features, logit_batches = [], [], []
     show_progress = show_progress and is_main_process
     with tqdm(total=len(local_indices), unit="img", desc="Sampling", disable=not show_progress) as progress:
         for batch_indices in local_indices.split(batch_size):
@@ -372,28 +380,29 @@ def evaluate_pipeline(
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 guidance_schedule=guidance_schedule,
-                generator=[sample_generator(seed, index) for index in batch_indices.tolist()],
+                generator=[seeded_generator(seed, index) for index in batch_indices.tolist()],
                 output_type="pt",
             ).images
             images = quantize_images(images)
             if save_samples_dir is not None:
                 save_images(images, batch_indices.tolist(), save_samples_dir)
             output = extractor.extract(match_channels(images, num_channels))
-            check_feature_dim(output.features, reference)
-            statistics.update(output.features)
-            if pr_sample_mask is not None:
-                kept = pr_sample_mask[batch_indices]
-                pr_indices.append(batch_indices[kept])
-                pr_features.append(output.features[kept.to(output.features.device)].cpu())
+            metric.update(validate_features(output.features, reference.dim), real=False)
+            if kept_sample_mask is not None:
+                kept = kept_sample_mask[batch_indices]
+                kept_indices.append(batch_indices[kept])
+                kept_features.append(output.features[kept.to(output.features.device)].cpu())
             if compute_is:
                 logit_batches.append(output.logits.cpu())
             progress.update(len(batch_indices))
 
-    if accelerator is not None:
-        statistics = gather_statistics(statistics, accelerator)
+    # A collective with several processes: torchmetrics sums every process's state before computing.
+    frechet_distance = float(metric.compute())
     fake_features = logits = None
-    if pr_sample_mask is not None:
-        fake_features = _gather_rows_by_index(torch.cat(pr_indices), torch.cat(pr_features), accelerator)
+    if kept_sample_mask is not None:
+        fake_features = _gather_rows_by_index(
+            torch.cat(kept_indices), torch.cat(kept_features).reshape(-1, reference.dim), accelerator
+        )
     if compute_is:
         logits = _gather_rows_by_index(local_indices, torch.cat(logit_batches), accelerator)
     seconds = time.perf_counter() - start_time
@@ -402,13 +411,19 @@ def evaluate_pipeline(
     if is_main_process:
         report = build_metrics_report(
             extractor,
-            statistics,
+            frechet_distance,
+            num_samples,
             reference,
-            real_features=None if real_features_for_pr is None else real_features_for_pr.to(extractor.device),
+            real_features=None if real_features is None else real_features.to(extractor.device),
             fake_features=fake_features,
             logits=logits,
+            compute_pr=compute_pr,
+            compute_kid=compute_kid,
             k=k,
+            kid_subsets=kid_subsets,
+            kid_subset_size=kid_subset_size,
             is_splits=is_splits,
+            seed=seed,
         )
         report.update(
             pipeline=getattr(pipeline, "name_or_path", None),

@@ -12,27 +12,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from ..dataset_sources import looks_like_local_path, select_split
+from ..dataset_sources import center_crop_box, looks_like_local_path, open_dataset, resize_shorter_side
 from .feature_extractors import FeatureExtractor
-from .statistics import FeatureReservoir, FeatureStatistics
+from .statistics import FeatureReservoir, FeatureStatistics, frechet_distance_metric, validate_features
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-# Local data files read with the `datasets` builder of the same format.
-DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 # Array that holds the images in `.npz` sample/reference batches (the ADM convention of `np.savez(path, images)`).
 NPZ_IMAGES_KEY = "arr_0"
 _NPZ_ROWS_PER_READ = 256
-
-
-def _resize_and_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Scales the shorter side to ``resolution`` (bicubic, antialiased when shrinking), then crops the centre
-    square."""
-    scale = resolution / min(image.size)
-    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((width, height), resample=Image.Resampling.BICUBIC)
-    left, top = (width - resolution) // 2, (height - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def _open_image(value: Any, description: str) -> Image.Image:
@@ -63,7 +51,8 @@ def _open_image(value: Any, description: str) -> Image.Image:
 
 def _image_to_tensor(image: Image.Image, resolution: Optional[int]) -> torch.Tensor:
     if resolution is not None and image.size != (resolution, resolution):
-        image = _resize_and_center_crop(image, resolution)
+        image = resize_shorter_side(image, resolution)
+        image = image.crop(center_crop_box(*image.size, resolution))
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -130,45 +119,15 @@ def _iterate_source_images(
     source: Union[str, os.PathLike], image_column: str, split: str, streaming: bool
 ) -> Iterator[Any]:
     path = Path(source).expanduser()
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".npz":
-            return _iterate_npz_images(path)
-        if suffix not in DATA_FILE_BUILDERS:
-            raise ValueError(
-                f"Unsupported file {path}: expected an .npz batch or a data file ({', '.join(DATA_FILE_BUILDERS)})."
-            )
-        import datasets
-
-        dataset = datasets.load_dataset(
-            DATA_FILE_BUILDERS[suffix], data_files={split: str(path)}, split=split, streaming=streaming
-        )
-        return _iterate_dataset_images(dataset, image_column, str(path))
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            import datasets
-
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                dataset = select_split(dataset, split, str(path))
-            return _iterate_dataset_images(dataset, image_column, str(path))
-        if any(file.suffix.lower() in IMAGE_EXTENSIONS for file in path.rglob("*")):
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return _iterate_npz_images(path)
+    if path.is_dir() and any(file.suffix.lower() in IMAGE_EXTENSIONS for file in path.rglob("*")):
+        if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
             return _iterate_folder_images(path)
-        import datasets
-
-        dataset = datasets.load_dataset(str(path), split=split, streaming=streaming)
-        return _iterate_dataset_images(dataset, image_column, str(path))
     source = os.fspath(source)
-    if looks_like_local_path(source, (".npz", *DATA_FILE_BUILDERS, *IMAGE_EXTENSIONS)):
+    if not path.exists() and looks_like_local_path(source, (".npz", *IMAGE_EXTENSIONS)):
         raise FileNotFoundError(f"{source!r} does not exist.")
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(source, split=split, streaming=streaming)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"{source!r} is neither an existing local path nor a dataset reachable on the Hub ({error})."
-        ) from error
+    dataset = open_dataset(source, split=split, streaming=streaming)
     return _iterate_dataset_images(dataset, image_column, repr(source))
 
 
@@ -271,7 +230,7 @@ def compute_reference_statistics(
     Args:
         extractor (FeatureExtractor): maps the images to features.
         feature_reservoir (FeatureReservoir, optional): also receives the features, e.g. to keep a random
-            subset of real features for ``precision_recall``.
+            subset of real features for precision/recall and KID.
         show_progress (bool): show a progress bar.
 
     Returns:
@@ -280,7 +239,7 @@ def compute_reference_statistics(
     path = Path(source).expanduser()
     if path.suffix.lower() == ".npz" and path.is_file() and feature_reservoir is None and _npz_has_statistics(path):
         return FeatureStatistics.load(path)
-    statistics = FeatureStatistics()
+    metric = None
     batches = iterate_image_batches(
         source,
         image_column=image_column,
@@ -292,11 +251,13 @@ def compute_reference_statistics(
     )
     with tqdm(total=max_samples, unit="img", desc="Reference features", disable=not show_progress) as progress:
         for images in batches:
-            features = extractor(images)
-            statistics.update(features)
+            features = validate_features(extractor(images), None if metric is None else metric.inception.num_features)
+            if metric is None:
+                metric = frechet_distance_metric(features.shape[1], features.device)
+            metric.update(features, real=True)
             if feature_reservoir is not None:
                 feature_reservoir.add(features)
             progress.update(images.shape[0])
-    if statistics.count == 0:
+    if metric is None:
         raise ValueError(f"{os.fspath(source)} contains no images.")
-    return statistics
+    return FeatureStatistics.from_metric(metric)

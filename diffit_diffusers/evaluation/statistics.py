@@ -1,19 +1,58 @@
-"""Streaming feature statistics (mean, covariance) and a bounded reservoir of features."""
+"""Reference feature statistics, held in the state of torchmetrics' FID and stored in ``.npz`` files, and a bounded
+reservoir of features."""
 
+import importlib
 import os
 import zipfile
+from types import ModuleType
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from .metrics import frechet_distance
-
 
 PathLike = Union[str, os.PathLike]
 
 
-def _validate_features(features: Union[torch.Tensor, np.ndarray], expected_dim: Optional[int]) -> torch.Tensor:
+def import_torchmetrics_image(module: str) -> ModuleType:
+    """``torchmetrics.image.<module>``, or an ``ImportError`` naming the extra that installs torchmetrics."""
+    try:
+        return importlib.import_module(f"torchmetrics.image.{module}")
+    except ModuleNotFoundError as error:
+        if error.name is None or not error.name.startswith("torchmetrics"):
+            raise
+        raise ImportError(
+            "Evaluation computes FID, KID and the Inception Score with torchmetrics: `pip install torchmetrics` "
+            "(or the package's `eval` extra)."
+        ) from error
+
+
+class FeatureInput(torch.nn.Module):
+    """The ``feature`` network of torchmetrics' image metrics when they receive features extracted beforehand.
+
+    Args:
+        num_features (int): feature dimension ``D`` (read by torchmetrics instead of probing the network).
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Returns the features ``(N, D)`` as float64, so the metrics compute in float64."""
+        return features.double()
+
+
+def frechet_distance_metric(num_features: int, device: Union[str, torch.device] = "cpu"):
+    """A ``torchmetrics`` ``FrechetInceptionDistance`` that takes features ``(N, num_features)`` and keeps its real
+    half across ``reset()``."""
+    fid = import_torchmetrics_image("fid")
+    return fid.FrechetInceptionDistance(feature=FeatureInput(num_features), reset_real_features=False).to(device)
+
+
+def validate_features(features: Union[torch.Tensor, np.ndarray], expected_dim: Optional[int]) -> torch.Tensor:
+    """Returns ``features`` as a tensor after checking it is a finite ``(N, D)`` matrix with ``D == expected_dim``."""
     features = torch.as_tensor(features)
     if features.ndim != 2:
         raise ValueError(f"Expected features of shape (N, D), got {tuple(features.shape)}.")
@@ -28,153 +67,79 @@ def _validate_features(features: Union[torch.Tensor, np.ndarray], expected_dim: 
     return features
 
 
+@dataclass(frozen=True)
 class FeatureStatistics:
-    """
-    Mean and covariance of features, accumulated batch by batch in float64.
-
-    Batches are combined with the parallel (Chan et al.) update of the mean and of the centred sum of outer products
-    ``M2 = sum_i (x_i - mean)(x_i - mean)^T``, so no sample has to be kept and large feature means cause no
-    cancellation. ``covariance`` is the unbiased estimate ``M2 / (count - 1)``, as ``np.cov`` (and the FID references)
-    compute it.
-
-    Statistics loaded from a file without a sample count (e.g. the ADM evaluator's reference batches) are final:
-    they can be compared but not updated or merged, and their ``count`` is ``None``.
+    """Mean and unbiased covariance of the features of an image collection, as FID compares them.
 
     Args:
-        dim (int, optional): feature dimension; inferred from the first batch when omitted. Set it when a process
-            may see no samples before ``gather_statistics``.
-        device (str or torch.device): where the float64 accumulators live.
+        mean (np.ndarray): float64 feature mean ``(D,)``.
+        covariance (np.ndarray): float64 covariance ``(D, D)``, normalised by ``count - 1`` as ``np.cov`` does.
+        count (int, optional): number of images; ``None`` for statistics read without one (the ADM evaluator's
+            reference batches).
     """
 
-    def __init__(self, dim: Optional[int] = None, device: Union[str, torch.device] = "cpu"):
-        if dim is not None and (not isinstance(dim, int) or dim < 1):
-            raise ValueError(f"`dim` must be a positive integer, got {dim!r}.")
-        self.device = torch.device(device)
-        self._count: Optional[int] = 0
-        self._mean: Optional[torch.Tensor] = None
-        # Centred sum of outer products while `count` is known; the covariance itself for count-less files.
-        self._second_moment: Optional[torch.Tensor] = None
-        if dim is not None:
-            self._mean = torch.zeros(dim, dtype=torch.float64, device=self.device)
-            self._second_moment = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+    mean: np.ndarray
+    covariance: np.ndarray
+    count: Optional[int]
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension ``D``."""
+        return self.mean.shape[0]
 
     @classmethod
-    def from_features(
-        cls, features: Union[torch.Tensor, np.ndarray], device: Union[str, torch.device] = "cpu"
-    ) -> "FeatureStatistics":
-        """Statistics of one feature matrix ``(N, D)``."""
-        statistics = cls(device=device)
-        statistics.update(features)
-        return statistics
+    def from_metric(cls, metric, half: str = "real") -> "FeatureStatistics":
+        """The statistics of the ``"real"`` or ``"fake"`` half of a ``FrechetInceptionDistance`` metric's state."""
+        count = int(getattr(metric, f"{half}_features_num_samples"))
+        if count < 2:
+            raise ValueError(f"Feature statistics need at least 2 samples, got {count}.")
+        mean = getattr(metric, f"{half}_features_sum").double().cpu() / count
+        centred_sum = getattr(metric, f"{half}_features_cov_sum").double().cpu() - count * torch.outer(mean, mean)
+        return cls(mean=mean.numpy(), covariance=(centred_sum / (count - 1)).numpy(), count=count)
 
     @classmethod
-    def _from_moments(
-        cls, count: Optional[int], mean: torch.Tensor, second_moment: torch.Tensor, device: Union[str, torch.device]
-    ) -> "FeatureStatistics":
-        statistics = cls(device=device)
-        statistics._count = count
-        statistics._mean = mean.to(device=statistics.device, dtype=torch.float64)
-        statistics._second_moment = second_moment.to(device=statistics.device, dtype=torch.float64)
-        return statistics
+    def from_features(cls, features: Union[torch.Tensor, np.ndarray]) -> "FeatureStatistics":
+        """Statistics of one finite feature matrix ``(N, D)``, accumulated by torchmetrics' FID."""
+        features = validate_features(features, None)
+        metric = frechet_distance_metric(features.shape[1])
+        metric.update(features, real=True)
+        return cls.from_metric(metric)
 
-    @property
-    def dim(self) -> Optional[int]:
-        """Feature dimension, ``None`` before the first batch when not given."""
-        return None if self._mean is None else self._mean.shape[0]
+    def load_into(self, metric, half: str = "real") -> None:
+        """Writes these statistics into the ``"real"`` or ``"fake"`` half of a ``FrechetInceptionDistance`` state.
 
-    @property
-    def count(self) -> Optional[int]:
-        """Number of accumulated samples (``None`` for statistics loaded without a count)."""
-        return self._count
-
-    def _require_count(self, action: str) -> int:
-        if self._count is None:
-            raise ValueError(
-                f"Cannot {action}: these statistics were loaded without a sample count (e.g. an ADM reference "
-                "batch) and are final."
-            )
-        return self._count
-
-    def _combine(self, count: int, mean: torch.Tensor, second_moment: torch.Tensor) -> None:
-        """Adds a group of ``count`` samples with the given mean and centred second moment."""
-        if count == 0:
-            return
-        if self._mean is None:
-            self._mean = torch.zeros_like(mean)
-            self._second_moment = torch.zeros_like(second_moment)
-        total = self._count + count
-        delta = mean - self._mean
-        self._mean = self._mean + delta * (count / total)
-        self._second_moment = (
-            self._second_moment + second_moment + torch.outer(delta, delta) * (self._count * count / total)
-        )
-        self._count = total
-
-    def update(self, features: Union[torch.Tensor, np.ndarray]) -> None:
+        The state holds sums, so a missing ``count`` is stood in by 2, which reproduces ``mean`` and ``covariance``.
         """
-        Adds a batch of features.
-
-        Args:
-            features (torch.Tensor or np.ndarray): finite features ``(N, D)``.
-        """
-        self._require_count("update statistics")
-        features = _validate_features(features, self.dim)
-        if features.shape[0] == 0:
-            return
-        features = features.to(device=self.device, dtype=torch.float64)
-        batch_mean = features.mean(dim=0)
-        centred = features - batch_mean
-        self._combine(features.shape[0], batch_mean, centred.T @ centred)
-
-    def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
-        """Adds the samples summarised by ``other`` (e.g. from another process) in place and returns ``self``."""
-        if not isinstance(other, FeatureStatistics):
-            raise TypeError(f"Can only merge FeatureStatistics, got {type(other).__name__}.")
-        self._require_count("merge statistics")
-        other_count = other._require_count("merge statistics")
-        if other_count == 0:
-            return self
-        if self.dim is not None and other.dim != self.dim:
-            raise ValueError(
-                f"Cannot merge statistics of dimension {other.dim} into statistics of dimension {self.dim}."
-            )
-        self._combine(other_count, other._mean.to(self.device), other._second_moment.to(self.device))
-        return self
-
-    @property
-    def mean(self) -> np.ndarray:
-        """Feature mean, float64 array of shape ``(D,)``."""
-        if self._mean is None or self._count == 0:
-            raise ValueError("No features have been accumulated yet.")
-        return self._mean.cpu().numpy()
-
-    @property
-    def covariance(self) -> np.ndarray:
-        """Unbiased feature covariance, float64 array of shape ``(D, D)``."""
-        if self._count is None:
-            return self._second_moment.cpu().numpy()
-        if self._count < 2:
-            raise ValueError(f"The covariance needs at least 2 samples, got {self._count}.")
-        return (self._second_moment / (self._count - 1)).cpu().numpy()
+        device = getattr(metric, f"{half}_features_sum").device
+        count = 2 if self.count is None else self.count
+        mean = torch.from_numpy(self.mean).to(device)
+        covariance = torch.from_numpy(self.covariance).to(device)
+        setattr(metric, f"{half}_features_sum", mean * count)
+        setattr(metric, f"{half}_features_cov_sum", covariance * (count - 1) + count * torch.outer(mean, mean))
+        setattr(metric, f"{half}_features_num_samples", torch.tensor(count, device=device))
 
     def frechet_distance(self, other: "FeatureStatistics") -> float:
-        """Frechet distance between the Gaussians fitted to ``self`` and ``other``."""
-        return frechet_distance(self.mean, self.covariance, other.mean, other.covariance)
+        """Frechet distance ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` to ``other``, by torchmetrics."""
+        if other.dim != self.dim:
+            raise ValueError(
+                f"The two statistics have different feature dimensions ({self.dim} vs {other.dim}); they must come "
+                "from the same feature extractor."
+            )
+        # The formula FrechetInceptionDistance.compute applies to its accumulated statistics.
+        tensors = [torch.from_numpy(array) for array in (self.mean, self.covariance, other.mean, other.covariance)]
+        return float(import_torchmetrics_image("fid")._compute_fid(*tensors))
 
     def save(self, path: PathLike) -> None:
-        """Writes ``mu`` ``(D,)``, ``sigma`` ``(D, D)`` and, when known, ``count`` to an ``.npz`` file at exactly
-        ``path``."""
+        """Writes ``mu`` ``(D,)``, ``sigma`` ``(D, D)`` and, when known, ``count`` to an ``.npz`` at exactly ``path``."""
         arrays = {"mu": self.mean, "sigma": self.covariance}
-        if self._count is not None:
-            arrays["count"] = np.asarray(self._count, dtype=np.int64)
+        if self.count is not None:
+            arrays["count"] = np.asarray(self.count, dtype=np.int64)
         with open(path, "wb") as file:
             np.savez(file, **arrays)
 
     @classmethod
-    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "FeatureStatistics":
-        """
-        Reads statistics from an ``.npz`` file with arrays ``mu`` ``(D,)`` and ``sigma`` ``(D, D)``, and optionally
-        ``count``.
+    def load(cls, path: PathLike) -> "FeatureStatistics":
+        """Reads statistics from an ``.npz`` with ``mu`` ``(D,)``, ``sigma`` ``(D, D)`` and optionally ``count``.
 
         Files written by ``FeatureStatistics.save`` and the ADM evaluator's reference batches (which also hold
         ``arr_0`` images and ``mu_s``/``sigma_s`` spatial statistics, ignored here) are both accepted.
@@ -212,16 +177,12 @@ class FeatureStatistics:
             if count.shape != () or not np.issubdtype(count.dtype, np.integer) or int(count) < 2:
                 raise ValueError(f"{os.fspath(path)!r}: `count` must be an integer scalar >= 2, got {count!r}.")
             count = int(count)
-        mean = torch.from_numpy(mean)
-        covariance = torch.from_numpy(covariance)
-        second_moment = covariance if count is None else covariance * (count - 1)
-        return cls._from_moments(count, mean, second_moment, device)
+        return cls(mean=mean, covariance=covariance, count=count)
 
 
 class FeatureReservoir:
-    """
-    A uniform random subset of at most ``capacity`` feature rows from a stream (reservoir sampling, Algorithm R), for
-    metrics such as precision/recall that need the features themselves.
+    """A uniform random subset of at most ``capacity`` feature rows from a stream (reservoir sampling, Algorithm R),
+    for the metrics that need the features themselves (KID, precision/recall).
 
     Args:
         capacity (int): maximum number of rows kept.
@@ -238,7 +199,7 @@ class FeatureReservoir:
 
     def add(self, features: Union[torch.Tensor, np.ndarray]) -> None:
         """Offers a batch of features ``(N, D)``; they are stored as float32 on the CPU."""
-        features = _validate_features(features, None if self._rows is None else self._rows.shape[1])
+        features = validate_features(features, None if self._rows is None else self._rows.shape[1])
         features = features.detach().to(device="cpu", dtype=torch.float32)
         if self._rows is None:
             self._rows = torch.empty(0, features.shape[1])
@@ -259,31 +220,3 @@ class FeatureReservoir:
         if self._rows is None:
             raise ValueError("The reservoir has not received any features yet.")
         return self._rows
-
-
-def gather_statistics(statistics: FeatureStatistics, accelerator) -> FeatureStatistics:
-    """
-    Merges the per-process statistics of a distributed run (``accelerate launch``) into statistics of all samples.
-
-    Every process must call this (it is a collective operation) and returns the same merged result.
-
-    Args:
-        statistics (FeatureStatistics): this process's statistics; give them ``dim`` up front if a process may
-            receive no samples.
-        accelerator (accelerate.Accelerator): the run's accelerator; its ``gather`` collects counts, means and
-            centred second moments, which are then combined exactly.
-    """
-    statistics._require_count("gather statistics")
-    if statistics.dim is None:
-        raise ValueError(
-            "These statistics have no feature dimension yet (no samples on this process); create them with "
-            "FeatureStatistics(dim=...) so every process can take part in the gather."
-        )
-    device = accelerator.device
-    counts = accelerator.gather(torch.tensor([statistics.count], dtype=torch.int64, device=device))
-    means = accelerator.gather(statistics._mean[None].to(device))
-    second_moments = accelerator.gather(statistics._second_moment[None].to(device))
-    merged = FeatureStatistics(dim=statistics.dim, device=statistics.device)
-    for count, mean, second_moment in zip(counts.tolist(), means, second_moments):
-        merged._combine(count, mean.to(merged.device), second_moment.to(merged.device))
-    return merged

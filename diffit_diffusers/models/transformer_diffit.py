@@ -13,6 +13,7 @@ from ..loaders.single_file import FromOriginalDiffiTMixin
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
 from .cache_support import CacheLayout, DiffiTCacheMixin
+from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
 from .transformer_block import DiffiTTransformerBlock
@@ -23,9 +24,9 @@ class DiffiTTransformer2DModel(
     DiffiTDenoiserMixin,
     DiffiTAttentionMixin,
     DiffiTCacheMixin,
+    PresetMixin,
     ModelMixin,
     ConfigMixin,
-    PresetMixin,
     FromOriginalDiffiTMixin,
 ):
     r"""The latent DiffiT denoiser (DiffiT-XL/2: 561M parameters, ImageNet-256 FID 1.73).
@@ -102,6 +103,23 @@ class DiffiTTransformer2DModel(
         sigma_data: float = 0.5,
     ):
         super().__init__()
+        validate_config(
+            type(self).__name__,
+            positive=dict(
+                sample_size=sample_size,
+                patch_size=patch_size,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                num_layers=num_layers,
+                num_attention_heads=num_attention_heads,
+                attention_head_dim=attention_head_dim,
+                mlp_ratio=mlp_ratio,
+                time_proj_dim=time_proj_dim,
+                norm_eps=norm_eps,
+            ),
+            activation_fn=activation_fn,
+            sincos_width=("num_attention_heads * attention_head_dim", num_attention_heads * attention_head_dim),
+        )
         DenoiserParameterization(
             parameterization, prediction_type, num_train_timesteps, beta_schedule, beta_start, beta_end, sigma_data,
             learn_sigma,

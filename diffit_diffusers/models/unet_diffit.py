@@ -22,6 +22,7 @@ from torch import nn
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
 from .cache_support import CacheLayout, DiffiTCacheMixin
+from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
 from .resampling import Downsample2x, Upsample2x
@@ -145,7 +146,7 @@ def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: 
 
 @register_denoiser
 class DiffiTUNet2DModel(
-    DiffiTDenoiserMixin, DiffiTAttentionMixin, DiffiTCacheMixin, ModelMixin, ConfigMixin, PresetMixin
+    DiffiTDenoiserMixin, DiffiTAttentionMixin, DiffiTCacheMixin, PresetMixin, ModelMixin, ConfigMixin
 ):
     """The image-space DiffiT denoiser (CIFAR-10 FID 1.95, FFHQ-64 2.22): a U-Net built from DiffiT ResBlocks.
 
@@ -243,6 +244,24 @@ class DiffiTUNet2DModel(
         sigma_data: float = 0.5,
     ):
         super().__init__()
+        validate_config(
+            type(self).__name__,
+            positive=dict(
+                sample_size=sample_size,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                block_out_channels=block_out_channels,
+                layers_per_block=layers_per_block,
+                window_size=window_size,
+                attention_head_dim=attention_head_dim,
+                mlp_ratio=mlp_ratio,
+                norm_num_groups=norm_num_groups,
+                norm_eps=norm_eps,
+                time_embed_dim=time_embed_dim,
+                time_proj_dim=time_proj_dim,
+            ),
+            activation_fn=activation_fn,
+        )
         DenoiserParameterization(
             parameterization, prediction_type, num_train_timesteps, beta_schedule, beta_start, beta_end, sigma_data,
             learn_sigma,

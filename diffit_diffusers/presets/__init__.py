@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,33 @@ def load_preset_config(name: str, class_name: str | None = None) -> dict[str, An
 
 
 class PresetMixin:
-    """Adds ``from_preset`` to a diffusers ``ConfigMixin`` model."""
+    """Adds ``from_preset`` to a diffusers ``ConfigMixin`` model, and refuses configs saved by another model class.
+
+    List it before ``ConfigMixin`` among the bases, so that its ``from_config`` (which ``from_pretrained`` calls)
+    runs first.
+    """
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any):
-        """Build a randomly initialised model from a shipped preset; keyword arguments override config entries."""
+        """Build a randomly initialised model from a shipped preset; keyword arguments override config entries.
+
+        Raises:
+            ValueError: for an unknown preset or a keyword argument that is not a config field of the model.
+        """
         config = load_preset_config(name, cls.__name__)
+        allowed = sorted(inspect.signature(cls.__init__).parameters.keys() - {"self"})
+        unknown = sorted(set(overrides) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}.from_preset got unknown config field(s) {unknown}; allowed fields: {allowed}."
+            )
         config.update(overrides)
         return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs: Any):
+        """diffusers' ``ConfigMixin.from_config``, after checking that ``config`` belongs to this model class."""
+        from ..models.config_validation import check_config_class
+
+        check_config_class(config, cls)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)

@@ -24,9 +24,9 @@ import numpy as np
 import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
-from huggingface_hub import constants as hub_constants
 
-from ..dataset_sources import looks_like_local_path, select_split
+from ..dataset_sources import center_crop_box, open_dataset, resize_shorter_side
+from ..utils import seeded_generator as _derive_generator
 
 
 logger = logging.getLogger(__name__)
@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 DIGITS_DATASET_NAME = "digits"
 DIGITS_NUM_CLASSES = 10
 
-# Local data files that `dataset_name` may point at, with the `datasets` builder that reads each kind.
-_DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 # A map-style dataset is split into this many shards (at most one per example) when it is streamed.
 _STREAMING_NUM_SHARDS = 16
 # Shards read in turn to fill the shuffle blocks of a stream.
@@ -144,12 +142,6 @@ def _image_mode(num_channels: int) -> str:
     return modes[num_channels]
 
 
-def _derive_generator(*key: int) -> torch.Generator:
-    """A torch generator seeded from a tuple of non-negative integers (seed, epoch, position, ...)."""
-    seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(seed)
-
-
 class ImageTransform:
     """Turns a PIL image into a float tensor (C, H, W) in [-1, 1] with `H = W = resolution`.
 
@@ -171,20 +163,15 @@ class ImageTransform:
         return cls(config.resolution, config.num_channels, config.center_crop, config.random_flip)
 
     def __call__(self, image: PIL.Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        image = image.convert(self.mode)
+        image = resize_shorter_side(image.convert(self.mode), self.resolution)
         width, height = image.size
-        scale = self.resolution / min(width, height)
-        if scale != 1:
-            size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
-            image = image.resize(size, PIL.Image.Resampling.BICUBIC)
-            width, height = size
         if self.center_crop:
-            left = round((width - self.resolution) / 2)
-            top = round((height - self.resolution) / 2)
+            box = center_crop_box(width, height, self.resolution)
         else:
             left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
             top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            box = (left, top, left + self.resolution, top + self.resolution)
+        image = image.crop(box)
         if self.random_flip and float(torch.rand((), generator=generator)) < 0.5:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
@@ -240,36 +227,8 @@ def _load_source(config: DataConfig) -> tuple[Union[datasets.Dataset, datasets.I
             raise ValueError(f"The '{DIGITS_DATASET_NAME}' dataset only has a 'train' split, got {config.split!r}.")
         return load_digits_dataset(config.resolution), f"the built-in '{DIGITS_DATASET_NAME}' dataset"
 
-    path = Path(name).expanduser()
     source_name = f"dataset {name!r}"
-    if path.is_file():
-        if path.suffix not in _DATA_FILE_BUILDERS:
-            raise ValueError(
-                f"Unsupported data file {name!r}; `dataset_name` may be a {' or '.join(_DATA_FILE_BUILDERS)} file, "
-                "a dataset folder or a Hub dataset id."
-            )
-        builder = _DATA_FILE_BUILDERS[path.suffix]
-        return datasets.load_dataset(builder, data_files=str(path), **load_kwargs), source_name
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file():
-            return select_split(datasets.load_from_disk(str(path)), config.split, source_name), source_name
-        if (path / "state.json").is_file():
-            return datasets.load_from_disk(str(path)), source_name
-        return datasets.load_dataset(str(path), config.dataset_config_name, **load_kwargs), source_name
-    if looks_like_local_path(name, _DATA_FILE_BUILDERS):
-        raise FileNotFoundError(
-            f"`dataset_name` {name!r} looks like a local path but nothing exists at {str(path.resolve())!r}; "
-            f"expected a {' or '.join(_DATA_FILE_BUILDERS)} file or a dataset folder."
-        )
-    try:
-        return datasets.load_dataset(name, config.dataset_config_name, **load_kwargs), source_name
-    except (ConnectionError, FileNotFoundError) as error:
-        if not datasets.config.HF_HUB_OFFLINE and not hub_constants.HF_HUB_OFFLINE:
-            raise
-        raise ValueError(
-            f"Cannot load the Hub dataset {name!r}: the Hub is offline (HF_HUB_OFFLINE=1) and it is not in the "
-            "local cache; run once online to cache it, or pass a local dataset path or --train_data_dir."
-        ) from error
+    return open_dataset(name, config_name=config.dataset_config_name, **load_kwargs), source_name
 
 
 def _resolve_image_column(features: datasets.Features, image_column: str, source_name: str) -> str:
