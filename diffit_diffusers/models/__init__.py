@@ -4,6 +4,7 @@ from .attention import (
     TimeDependentExplicitAttnProcessor,
     TimeDependentSelfAttention,
 )
+from .class_embedding import grow_class_embedding
 from .denoiser import DENOISER_CLASSES, DenoiserParameterization, DiffiTDenoiserMixin, denoiser_class, register_denoiser
 from .embeddings import DiffiTTimeEmbedding
 from .transformer_block import DiffiTTransformerBlock

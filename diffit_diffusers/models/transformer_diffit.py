@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -13,13 +14,19 @@ from ..loaders.single_file import FromOriginalDiffiTMixin
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
-from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
+from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
 from .transformer_block import DiffiTTransformerBlock
 
 
 @register_denoiser
 class DiffiTTransformer2DModel(
-    DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin, FromOriginalDiffiTMixin
+    DiffiTDenoiserMixin,
+    DiffiTAttentionMixin,
+    ModelMixin,
+    ConfigMixin,
+    PeftAdapterMixin,
+    PresetMixin,
+    FromOriginalDiffiTMixin,
 ):
     r"""The latent DiffiT denoiser (DiffiT-XL/2: 561M parameters, ImageNet-256 FID 1.73).
 
@@ -61,7 +68,10 @@ class DiffiTTransformer2DModel(
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTTransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    _repeated_blocks = ["DiffiTTransformerBlock"]
+    #: Kept in float32 by ``from_pretrained(torch_dtype=...)`` and never stored in low precision by layerwise casting.
+    _keep_in_fp32_modules = PRECISION_SENSITIVE_MODULES
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "proj_out"]
 
     @register_to_config
     def __init__(

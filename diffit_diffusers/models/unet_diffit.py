@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from ..presets import PresetMixin
 from .attention import DiffiTAttentionMixin
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
-from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
+from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
 from .resampling import Downsample2x, Upsample2x
 from .resblock import DiffiTResBlock
 
@@ -143,7 +144,7 @@ def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: 
 
 
 @register_denoiser
-class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PresetMixin):
+class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin):
     """The image-space DiffiT denoiser (CIFAR-10 FID 1.95, FFHQ-64 2.22): a U-Net built from DiffiT ResBlocks.
 
     ``Conv3x3`` stem ``->`` encoder stages of ``layers_per_block`` ResBlocks (``DiffiTResBlock``) separated by
@@ -198,7 +199,10 @@ class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, C
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTResBlock"]
-    _skip_layerwise_casting_patterns = ["norm"]
+    _repeated_blocks = ["DiffiTResBlock"]
+    #: Kept in float32 by ``from_pretrained(torch_dtype=...)`` and never stored in low precision by layerwise casting.
+    _keep_in_fp32_modules = PRECISION_SENSITIVE_MODULES
+    _skip_layerwise_casting_patterns = ["conv_in", "norm", "conv_out"]
 
     @register_to_config
     def __init__(

@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..loaders.lora_pipeline import DiffiTLoraLoaderMixin
 from ..loaders.single_file import (
     OFFICIAL_SAMPLING_DEFAULTS,
     CheckpointConversionError,
@@ -37,7 +38,7 @@ from .model_index import (
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class DiffiTPipeline(DiffusionPipeline):
+class DiffiTPipeline(DiffusionPipeline, DiffiTLoraLoaderMixin):
     r"""Generate images with a DiffiT denoiser and any diffusers scheduler.
 
     ``from_pretrained`` is diffusers' ``DiffusionPipeline.from_pretrained`` with all its keywords (``variant``,
