@@ -113,11 +113,15 @@ class DiffiTUpBlock2D(DiffiTResBlockStack):
         self.upsampler = upsampler
 
     def forward(
-        self, hidden_states: torch.Tensor, skips: list[torch.Tensor], time_token: torch.Tensor
+        self, hidden_states: torch.Tensor, skips: tuple[torch.Tensor, ...], time_token: torch.Tensor
     ) -> torch.Tensor:
-        """``(B, C_in, H, W)`` -> ``(B, C, H', W')``; pops one skip per ResBlock from the end of ``skips``."""
-        for resnet, skip_merge in zip(self.resnets, self.skip_merges):
-            hidden_states = skip_merge(hidden_states, skips.pop())
+        """``(B, C_in, H, W)`` -> ``(B, C, H', W')``; ``skips`` holds one skip per ResBlock, the last one first used.
+
+        The skips come as this block's own tuple rather than a shared list to pop from, so hooks that copy the
+        arguments (group offloading, device placement) see the same skips as the block.
+        """
+        for resnet, skip_merge, skip in zip(self.resnets, self.skip_merges, reversed(skips)):
+            hidden_states = skip_merge(hidden_states, skip)
             hidden_states = self.apply_resblock(resnet, hidden_states, time_token)
         if self.upsampler is not None:
             hidden_states = self.upsampler(hidden_states)
@@ -199,7 +203,7 @@ class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, C
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTResBlock"]
-    _repeated_blocks = ["DiffiTResBlock"]
+    _repeated_blocks = ["DiffiTTransformerBlock"]
     #: Kept in float32 by ``from_pretrained(torch_dtype=...)`` and never stored in low precision by layerwise casting.
     _keep_in_fp32_modules = PRECISION_SENSITIVE_MODULES
     _skip_layerwise_casting_patterns = ["conv_in", "norm", "conv_out"]
@@ -366,13 +370,15 @@ class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, C
         # Channels-last feature maps make every ResBlock's (B, C, H, W) <-> (B, H*W, C) token view a free reshape;
         # convolutions, norms, resampling and concatenation keep the format from the input on.
         hidden_states = self.conv_in(_channels_last_copy(sample))
-        skips = [hidden_states]
+        skips = (hidden_states,)
         for down_block in self.down_blocks:
             hidden_states, block_skips = down_block(hidden_states, time_token)
-            skips.extend(block_skips)
+            skips += block_skips
         hidden_states = self.mid_block(hidden_states, time_token)
         for up_block in self.up_blocks:
-            hidden_states = up_block(hidden_states, skips, time_token)
+            num_skips = len(up_block.resnets)
+            hidden_states = up_block(hidden_states, skips[-num_skips:], time_token)
+            skips = skips[:-num_skips]
         output = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states))).contiguous()
 
         if not return_dict:

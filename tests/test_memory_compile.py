@@ -1,0 +1,147 @@
+"""diffusers' memory and speed machinery on both DiffiT models: layerwise casting, group offloading, quantized
+loading, float32-kept modules and regional compilation (``compile_repeated_blocks``)."""
+
+import pytest
+import torch
+from diffusers import TorchAoConfig
+
+from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel
+
+
+def tiny_unet() -> DiffiTUNet2DModel:
+    torch.manual_seed(0)
+    model = DiffiTUNet2DModel.from_preset("tiny")
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    return model.eval()
+
+
+def tiny_transformer() -> DiffiTTransformer2DModel:
+    torch.manual_seed(0)
+    model = DiffiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=3, num_attention_heads=2, attention_head_dim=16,
+        num_classes=10,
+    )
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    return model.eval()
+
+
+MODELS = {"unet": (tiny_unet, (1, 16, 16)), "transformer": (tiny_transformer, (4, 8, 8))}
+
+
+@pytest.fixture(params=list(MODELS))
+def case(request):
+    build, shape = MODELS[request.param]
+    generator = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, *shape, generator=generator), torch.tensor([10, 700]), torch.tensor([3, 10]))
+    return build, args
+
+
+def predict(model, sample, timestep, labels):
+    with torch.no_grad():
+        return model(sample.to(model.dtype), timestep, labels).sample.float()
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).abs().max() / reference.abs().max()).item()
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_layerwise_casting_bf16_storage_is_close_to_float32(case):
+    build, args = case
+    model = build()
+    reference = predict(model, *args)
+    fp32_bytes = parameter_bytes(model)
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert parameter_bytes(model) < 0.6 * fp32_bytes
+    kept = [name for name, p in model.named_parameters() if p.dtype == torch.float32]
+    assert kept and all(any(key in name for key in ("time_embedding", "relative_position_bias", "norm", "conv_in",
+                                                     "conv_out", "pos_embed", "proj_out")) for name in kept)
+    # bfloat16 keeps 8 mantissa bits: one rounding of every stored weight, ~0.4% relative each.
+    assert relative_error(predict(model, *args), reference) < 2e-2
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_gives_identical_outputs(case, offload_type):
+    build, args = case
+    model = build()
+    reference = predict(model, *args)
+    extra = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+    model.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"), offload_type=offload_type, **extra)
+    torch.testing.assert_close(predict(model, *args), reference, atol=0, rtol=0)
+
+
+def test_from_pretrained_in_bfloat16_keeps_precision_sensitive_modules_in_float32(case, tmp_path):
+    build, args = case
+    model = build()
+    reference = predict(model, *args)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.time_embedding.timestep_embedder.linear_1.weight.dtype == torch.float32
+    assert all(
+        module.relative_position_bias_table.dtype == torch.float32
+        for module in loaded.modules()
+        if hasattr(module, "relative_position_bias_table")
+    )
+    # Whole-bfloat16 compute: activations are rounded too, so a looser bound than storage-only casting.
+    assert relative_error(predict(loaded, *args), reference) < 5e-2
+
+
+def test_torchao_int8_weight_only_load_is_close_to_float32(case, tmp_path):
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    build, args = case
+    model = build()
+    reference = predict(model, *args)
+    model.save_pretrained(tmp_path)
+    quantized = type(model).from_pretrained(
+        tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+    ).eval()
+    assert quantized.is_quantized
+    # Per-channel int8 weights: at most half a step of 1/127 of each row's largest weight.
+    assert relative_error(predict(quantized, *args), reference) < 2e-2
+
+
+def test_quanto_int8_weight_load_is_close_to_float32(case, tmp_path):
+    from diffusers import QuantoConfig
+
+    build, args = case
+    model = build()
+    reference = predict(model, *args)
+    model.save_pretrained(tmp_path)
+    quantized = type(model).from_pretrained(tmp_path, quantization_config=QuantoConfig(weights_dtype="int8")).eval()
+    assert quantized.is_quantized
+    assert relative_error(predict(quantized, *args), reference) < 2e-2
+
+
+def single_stage_unet() -> DiffiTUNet2DModel:
+    """A U-Net whose Transformer blocks all share one shape, so regional compilation compiles one graph."""
+    torch.manual_seed(0)
+    model = DiffiTUNet2DModel(
+        block_out_channels=(32,), layers_per_block=1, mid_block_layers=1, in_channels=1, out_channels=1,
+        norm_num_groups=8, time_embed_dim=64, window_size=4,
+    )
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("build, shape", [(single_stage_unet, (1, 8, 8)), (tiny_transformer, (4, 8, 8))])
+def test_compile_repeated_blocks_matches_eager(build, shape):
+    model = build()
+    args = (torch.randn(2, *shape, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 700]), None)
+    if model.config.num_classes is not None:
+        args = (*args[:2], torch.tensor([3, 10]))
+    reference = predict(model, *args)
+    torch._dynamo.reset()
+    # ``aot_eager`` traces each block whole (``fullgraph``: no graph breaks) without waiting for C++ compilation;
+    # benchmarks/bench_compile.py measures inductor.
+    model.compile_repeated_blocks(backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(predict(model, *args), reference, atol=1e-5, rtol=1e-5)
+    blocks = [m for m in model.modules() if type(m).__name__ in model._repeated_blocks]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
