@@ -14,5 +14,4 @@ from .models import (
     grow_class_embedding,
 )
 from .presets import available_presets, load_preset_config
-from .loaders import DiffiTLoraLoaderMixin
 from .pipelines import DiffiTPipeline

@@ -11,7 +11,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel, grow_class_embedding
-from diffit_diffusers.training import TrainingConfig, build_objective, load_digits_dataset, train
+from diffit_diffusers.training import DataConfig, TrainingConfig, build_objective, load_digits_dataset, train
 from diffit_diffusers.training.lora import LoraArguments, default_lora_target_modules, parse_lora_config, train_lora
 
 
@@ -199,19 +199,21 @@ def edm_loss(model, images, labels) -> float:
 
 @pytest.mark.slow
 def test_lora_fine_tuning_learns_new_digit_classes_and_reloads(tmp_path):
+    data = dict(label_column="label", resolution=8, num_channels=1)
     common = dict(
-        label_column="label", resolution=8, num_channels=1, train_batch_size=32, use_ema=False, cpu=True,
-        checkpointing_steps=10_000, num_inference_steps=3, num_validation_images=1, objective="edm",
+        train_batch_size=32, use_ema=False, cpu=True, checkpointing_steps=10_000, num_inference_steps=3,
+        num_validation_images=1, objective="edm",
     )
     base_dir = train(
         TrainingConfig(
-            dataset_name=digits_subset(tmp_path, 8), model_config="tiny", output_dir=str(tmp_path / "base"),
-            max_train_steps=150, learning_rate=2e-3, **common,
+            data=DataConfig(dataset_name=digits_subset(tmp_path, 8), **data), model_config="tiny",
+            output_dir=str(tmp_path / "base"), max_train_steps=150, learning_rate=2e-3, **common,
         )
     )
     lora_dir = train_lora(
         TrainingConfig(
-            dataset_name="digits", output_dir=str(tmp_path / "lora"), max_train_steps=100, learning_rate=3e-3, **common
+            data=DataConfig(dataset_name="digits", **data), output_dir=str(tmp_path / "lora"), max_train_steps=100,
+            learning_rate=3e-3, **common,
         ),
         LoraArguments(str(base_dir), lora_rank=8),
     )

@@ -11,7 +11,6 @@ differ. Classes the base model does not have (dataset labels ``>= num_classes``)
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,13 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import HfArgumentParser
 
-from ..hub import MODEL_CARD_FILENAME, SAMPLE_GRID_FILENAME, create_model_card
+from ..hub import create_model_card
 from ..models import DiffiTTransformer2DModel, grow_class_embedding
 from ..models.class_embedding import CLASS_EMBEDDING_TABLE
 from ..pipelines import DiffiTPipeline
-from .config import TrainingConfig
-from .trainer import HUB_EXPORT_DIR, Trainer, sample_grid
+from .cli import EXIT_ERROR, EXIT_HUB_PUSH_FAILED, EXIT_OK
+from .config import TrainingConfig, parse_config
+from .trainer import Trainer, sample_grid
 
 
 #: TMSA projections as separate layers, the fused layers of older models, and the feed-forward layers.
@@ -38,6 +38,7 @@ FUSED_ATTENTION_TARGETS = ("to_qkv", "time_to_qkv")
 OUTPUT_AND_FEED_FORWARD_TARGETS = ("to_out", "ff.net.0.proj", "ff.net.2")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LORA_DEFAULTS: dict[str, Any] = {"output_dir": "diffit-lora", "use_ema": False, "learning_rate": 1e-4}
+DESCRIPTION = "Fine-tune LoRA layers on a trained DiffiT pipeline with accelerate."
 
 
 def default_lora_target_modules(denoiser: nn.Module, train_class_embedding: bool = True) -> list[str]:
@@ -61,7 +62,7 @@ class LoraArguments:
     )
     revision: str | None = field(default=None, metadata={"help": "revision of a Hub base pipeline"})
     lora_rank: int = field(default=16, metadata={"help": "rank r of the LoRA layers"})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (scale alpha / r); default: r"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha, the LoRA scale being alpha / r; unset means r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA path"})
     lora_target_modules: str | None = field(
         default=None,
@@ -113,7 +114,7 @@ class LoraTrainer(Trainer):
 
     def __init__(self, config: TrainingConfig, lora_args: LoraArguments):
         self.lora_args = lora_args
-        base_folder = resolve_base_folder(lora_args, config.cache_dir)
+        base_folder = resolve_base_folder(lora_args, config.data.cache_dir)
         self.base_pipeline = DiffiTPipeline.from_pretrained(base_folder)
         if config.vae is None and self.base_pipeline.vae is not None:
             config = dataclasses.replace(config, vae=str(base_folder / "vae"))
@@ -184,13 +185,13 @@ class LoraTrainer(Trainer):
                 weight_name=LORA_WEIGHT_NAME,
             )
             images, _ = sample_grid(pipeline, self.config, seed=self.config.seed)
-            repo_id = self.config.hub_model_id if self.config.push_to_hub else None
+            repo_id = self.uploads.resolved_repo_id() if self.uploads is not None else None
             base = self.lora_args.pretrained_model_name_or_path
             create_model_card(
                 folder,
                 repo_id=repo_id,
                 base_model=None if Path(base).expanduser().is_dir() else base,
-                datasets=[self.config.dataset_name] if self.config.dataset_name else None,
+                datasets=[self.config.data.dataset_name] if self.config.data.dataset_name else None,
                 tags=["lora", "class-conditional" if pipeline.num_classes else "unconditional", self.objective.name],
                 sample_images=images,
                 training_summary=self.training_summary(),
@@ -204,16 +205,6 @@ class LoraTrainer(Trainer):
         self._with_ema_weights(export)
         return folder
 
-    def final_hub_folder(self) -> Path:
-        """The LoRA weights, card and sample grid of ``output_dir``, copied for the final Hub upload."""
-        destination = self.output_dir / HUB_EXPORT_DIR
-        shutil.rmtree(destination, ignore_errors=True)
-        destination.mkdir(parents=True)
-        for name in (LORA_WEIGHT_NAME, MODEL_CARD_FILENAME, SAMPLE_GRID_FILENAME):
-            if (self.output_dir / name).is_file():
-                shutil.copy2(self.output_dir / name, destination / name)
-        return destination
-
 
 def train_lora(config: TrainingConfig, lora_args: LoraArguments) -> Path:
     """Run a LoRA fine-tuning job; returns the folder holding the LoRA weights and card."""
@@ -221,25 +212,37 @@ def train_lora(config: TrainingConfig, lora_args: LoraArguments) -> Path:
 
 
 def parse_lora_config(argv: list[str] | None = None) -> tuple[TrainingConfig, LoraArguments]:
-    """Parse the command line of ``examples/train_diffit_lora.py``: ``TrainingConfig``'s and ``LoraArguments``'
-    flags; invalid values exit with the usage message."""
-    parser = HfArgumentParser((TrainingConfig, LoraArguments), description="Fine-tune LoRA layers on a DiffiT pipeline.")
-    parser.set_defaults(**LORA_DEFAULTS)
+    """Parse the command line of ``examples/train_diffit_lora.py``: the ``LoraArguments`` flags, then every flag
+    of the full trainer (``parse_config``: data, objective, optimiser, ``--config`` file). Invalid values exit with
+    the usage message; ``--help`` lists both groups."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    lora_parser = HfArgumentParser(LoraArguments, add_help=False, usage="LoRA options")
+    if "-h" in argv or "--help" in argv:
+        print(lora_parser.format_help())
+        parse_config(["--help"], DESCRIPTION, LORA_DEFAULTS)
     try:
-        config, lora_args = parser.parse_args_into_dataclasses(argv)
+        lora_args, remaining = lora_parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True, look_for_args_file=False
+        )
     except ValueError as error:
-        parser.error(str(error))
-    return config, lora_args
+        lora_parser.error(str(error))
+    return parse_config(remaining, DESCRIPTION, LORA_DEFAULTS), lora_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: fine-tune, print where the LoRA went; user errors exit with status 1."""
+    """Command-line entry point; exit statuses as ``diffit_diffusers.training.cli`` (0 saved, 1 error, 3 final
+    Hub push failed)."""
     config, lora_args = parse_lora_config(argv)
     try:
-        output_dir = train_lora(config, lora_args)
-    except (FileNotFoundError, ValueError) as error:
+        trainer = LoraTrainer(config, lora_args)
+        output_dir = trainer.train()
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
-    if PartialState().is_main_process:
-        print(f"Saved the LoRA weights to {output_dir}")
-    return 0
+        return EXIT_ERROR
+    if not PartialState().is_main_process:
+        return EXIT_OK
+    print(f"Saved the LoRA weights to {output_dir}")
+    if trainer.hub_push_error is not None:
+        print(f"error: the final push to the Hub failed ({trainer.hub_push_error}).", file=sys.stderr)
+        return EXIT_HUB_PUSH_FAILED
+    return EXIT_OK
