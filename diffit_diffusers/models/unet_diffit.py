@@ -148,7 +148,9 @@ def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: 
 
 
 @register_denoiser
-class DiffiTUNet2DModel(DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin):
+class DiffiTUNet2DModel(
+    DiffiTDenoiserMixin, DiffiTAttentionMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, PresetMixin
+):
     """The image-space DiffiT denoiser (CIFAR-10 FID 1.95, FFHQ-64 2.22): a U-Net built from DiffiT ResBlocks.
 
     ``Conv3x3`` stem ``->`` encoder stages of ``layers_per_block`` ResBlocks (``DiffiTResBlock``) separated by
