@@ -10,32 +10,15 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from diffit_diffusers import DiffiTPipeline, DiffiTTransformer2DModel, DiffiTUNet2DModel, grow_class_embedding
+from tiny_models import tiny_transformer, tiny_unet
+
+from diffit_diffusers import DiffiTPipeline, DiffiTUNet2DModel, grow_class_embedding
 from diffit_diffusers.training import DataConfig, TrainingConfig, build_objective, load_digits_dataset, train
 from diffit_diffusers.training.lora import LoraArguments, default_lora_target_modules, parse_lora_config, train_lora
 
 
 #: Layer names both the fused (``to_qkv``) and the separate (``to_q``, ...) TMSA layouts have.
 SHARED_TARGETS = ["to_out", "ff.net.0.proj", "ff.net.2"]
-
-
-def tiny_unet() -> DiffiTUNet2DModel:
-    torch.manual_seed(0)
-    model = DiffiTUNet2DModel.from_preset("tiny")
-    for parameter in model.parameters():  # non-zero everywhere, so every layer changes the output
-        torch.nn.init.normal_(parameter, std=0.05)
-    return model.eval()
-
-
-def tiny_transformer() -> DiffiTTransformer2DModel:
-    torch.manual_seed(0)
-    model = DiffiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=16,
-        num_classes=10,
-    )
-    for parameter in model.parameters():
-        torch.nn.init.normal_(parameter, std=0.05)
-    return model.eval()
 
 
 MODELS = {"unet": (tiny_unet, (1, 16, 16)), "transformer": (tiny_transformer, (4, 8, 8))}
@@ -172,6 +155,14 @@ def test_grow_class_embedding_keeps_old_classes_and_starts_new_ones_as_null():
         grow_class_embedding(model, 5)
     with pytest.raises(ValueError, match="unconditional"):
         grow_class_embedding(DiffiTUNet2DModel.from_config({**model.config, "num_classes": None}), 3)
+
+
+def test_lora_script_reports_a_missing_base_folder(tmp_path, capsys):
+    from diffit_diffusers.training.lora import main
+
+    status = main(["--pretrained_model_name_or_path", str(tmp_path / "missing"), "--dataset_name", "digits",
+                   "--output_dir", str(tmp_path / "out")])
+    assert status == 1 and "does not exist" in capsys.readouterr().err
 
 
 def test_lora_arguments_reject_bad_values():

@@ -5,29 +5,13 @@ import pytest
 import torch
 from diffusers import TorchAoConfig
 
-from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel
+from tiny_models import single_stage_unet, tiny_transformer, tiny_unet
 
 
-def tiny_unet() -> DiffiTUNet2DModel:
-    torch.manual_seed(0)
-    model = DiffiTUNet2DModel.from_preset("tiny")
-    for parameter in model.parameters():
-        torch.nn.init.normal_(parameter, std=0.05)
-    return model.eval()
-
-
-def tiny_transformer() -> DiffiTTransformer2DModel:
-    torch.manual_seed(0)
-    model = DiffiTTransformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=3, num_attention_heads=2, attention_head_dim=16,
-        num_classes=10,
-    )
-    for parameter in model.parameters():
-        torch.nn.init.normal_(parameter, std=0.05)
-    return model.eval()
-
-
-MODELS = {"unet": (tiny_unet, (1, 16, 16)), "transformer": (tiny_transformer, (4, 8, 8))}
+MODELS = {
+    "unet": (tiny_unet, (1, 16, 16)),
+    "transformer": (lambda: tiny_transformer(num_layers=3), (4, 8, 8)),
+}
 
 
 @pytest.fixture(params=list(MODELS))
@@ -92,46 +76,35 @@ def test_from_pretrained_in_bfloat16_keeps_precision_sensitive_modules_in_float3
     assert relative_error(predict(loaded, *args), reference) < 5e-2
 
 
-def test_torchao_int8_weight_only_load_is_close_to_float32(case, tmp_path):
+def int8_configs() -> dict:
+    from diffusers import QuantoConfig
     from torchao.quantization import Int8WeightOnlyConfig
 
+    return {
+        "torchao_int8_weight_only": dict(
+            quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
+        ),
+        "quanto_int8": dict(quantization_config=QuantoConfig(weights_dtype="int8")),
+    }
+
+
+@pytest.mark.parametrize("backend", ["torchao_int8_weight_only", "quanto_int8"])
+def test_int8_quantized_load_is_close_to_float32(case, tmp_path, backend):
     build, args = case
     model = build()
     reference = predict(model, *args)
     model.save_pretrained(tmp_path)
-    quantized = type(model).from_pretrained(
-        tmp_path, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()), torch_dtype=torch.float32
-    ).eval()
+    quantized = type(model).from_pretrained(tmp_path, **int8_configs()[backend]).eval()
     assert quantized.is_quantized
     # Per-channel int8 weights: at most half a step of 1/127 of each row's largest weight.
     assert relative_error(predict(quantized, *args), reference) < 2e-2
 
 
-def test_quanto_int8_weight_load_is_close_to_float32(case, tmp_path):
-    from diffusers import QuantoConfig
-
-    build, args = case
-    model = build()
-    reference = predict(model, *args)
-    model.save_pretrained(tmp_path)
-    quantized = type(model).from_pretrained(tmp_path, quantization_config=QuantoConfig(weights_dtype="int8")).eval()
-    assert quantized.is_quantized
-    assert relative_error(predict(quantized, *args), reference) < 2e-2
-
-
-def single_stage_unet() -> DiffiTUNet2DModel:
-    """A U-Net whose Transformer blocks all share one shape, so regional compilation compiles one graph."""
-    torch.manual_seed(0)
-    model = DiffiTUNet2DModel(
-        block_out_channels=(32,), layers_per_block=1, mid_block_layers=1, in_channels=1, out_channels=1,
-        norm_num_groups=8, time_embed_dim=64, window_size=4,
-    )
-    for parameter in model.parameters():
-        torch.nn.init.normal_(parameter, std=0.05)
-    return model.eval()
-
-
-@pytest.mark.parametrize("build, shape", [(single_stage_unet, (1, 8, 8)), (tiny_transformer, (4, 8, 8))])
+@pytest.mark.parametrize(
+    "build, shape",
+    [(single_stage_unet, (1, 8, 8)), (lambda: tiny_transformer(num_layers=3), (4, 8, 8))],
+    ids=["unet", "transformer"],
+)
 def test_compile_repeated_blocks_matches_eager(build, shape):
     model = build()
     args = (torch.randn(2, *shape, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 700]), None)

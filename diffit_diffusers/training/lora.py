@@ -16,18 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import PartialState
 from huggingface_hub import snapshot_download
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import HfArgumentParser
 
+from ..dataset_sources import looks_like_local_path
 from ..hub import create_model_card
 from ..models import DiffiTTransformer2DModel, grow_class_embedding
 from ..models.class_embedding import CLASS_EMBEDDING_TABLE
 from ..pipelines import DiffiTPipeline
-from .cli import EXIT_ERROR, EXIT_HUB_PUSH_FAILED, EXIT_OK
+from .cli import run_trainer
 from .config import TrainingConfig, parse_config
 from .trainer import Trainer, sample_grid
 
@@ -99,6 +99,10 @@ def resolve_base_folder(lora_args: LoraArguments, cache_dir: str | None = None) 
     path = Path(lora_args.pretrained_model_name_or_path).expanduser()
     if path.is_dir():
         return path
+    if looks_like_local_path(lora_args.pretrained_model_name_or_path):
+        raise FileNotFoundError(
+            f"The base pipeline folder {str(path)!r} does not exist; pass a saved DiffiTPipeline folder or a Hub id."
+        )
     return Path(
         snapshot_download(lora_args.pretrained_model_name_or_path, revision=lora_args.revision, cache_dir=cache_dir)
     )
@@ -230,19 +234,7 @@ def parse_lora_config(argv: list[str] | None = None) -> tuple[TrainingConfig, Lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; exit statuses as ``diffit_diffusers.training.cli`` (0 saved, 1 error, 3 final
-    Hub push failed)."""
+    """Command-line entry point; exit statuses as ``diffit_diffusers.training.cli`` (0 saved, 1 error, 2 bad flags,
+    3 final Hub push failed)."""
     config, lora_args = parse_lora_config(argv)
-    try:
-        trainer = LoraTrainer(config, lora_args)
-        output_dir = trainer.train()
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    if not PartialState().is_main_process:
-        return EXIT_OK
-    print(f"Saved the LoRA weights to {output_dir}")
-    if trainer.hub_push_error is not None:
-        print(f"error: the final push to the Hub failed ({trainer.hub_push_error}).", file=sys.stderr)
-        return EXIT_HUB_PUSH_FAILED
-    return EXIT_OK
+    return run_trainer(lambda: LoraTrainer(config, lora_args), "the LoRA weights")
