@@ -4,11 +4,10 @@ Modes, each loaded with ``from_pretrained`` from one saved float32 copy of the m
 depend on their values):
 
 - ``float32``: the checkpoint as saved.
-- ``bfloat16``: ``torch_dtype=torch.bfloat16``; ``_keep_in_fp32_modules`` (time embedding, position bias tables)
-  stay float32.
+- ``bfloat16``: ``torch_dtype=torch.bfloat16``.
 - ``layerwise_bf16`` / ``layerwise_fp8_e4m3``: ``enable_layerwise_casting`` on the bfloat16 load, storing the
   weights of linear and convolution layers in bfloat16 / float8 and computing in bfloat16; the patterns in
-  ``_skip_layerwise_casting_patterns`` and ``_keep_in_fp32_modules`` keep their dtype.
+  ``_skip_layerwise_casting_patterns`` keep their dtype.
 - ``torchao_int8_weight_only``: ``TorchAoConfig(Int8WeightOnlyConfig())``, the rest in bfloat16.
 - ``quanto_int8``: ``QuantoConfig(weights_dtype="int8")``, the rest in float32.
 

@@ -59,19 +59,13 @@ def test_group_offloading_gives_identical_outputs(case, offload_type):
     torch.testing.assert_close(predict(model, *args), reference, atol=0, rtol=0)
 
 
-def test_from_pretrained_in_bfloat16_keeps_precision_sensitive_modules_in_float32(case, tmp_path):
+def test_from_pretrained_in_bfloat16_is_close_to_float32(case, tmp_path):
     build, args = case
     model = build()
     reference = predict(model, *args)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
     assert loaded.dtype == torch.bfloat16
-    assert loaded.time_embedding.timestep_embedder.linear_1.weight.dtype == torch.float32
-    assert all(
-        module.relative_position_bias_table.dtype == torch.float32
-        for module in loaded.modules()
-        if hasattr(module, "relative_position_bias_table")
-    )
     # Whole-bfloat16 compute: activations are rounded too, so a looser bound than storage-only casting.
     assert relative_error(predict(loaded, *args), reference) < 5e-2
 

@@ -8,8 +8,7 @@ from torch import nn
 
 
 #: Parts of both DiffiT models whose precision matters more than their size: the time token (sinusoid, MLP and
-#: class table) and the relative position bias tables. ``from_pretrained(torch_dtype=...)`` keeps them in float32
-#: (``_keep_in_fp32_modules``) and layerwise casting never stores them in low precision.
+#: class table) and the relative position bias tables. Layerwise casting never stores them in low precision.
 PRECISION_SENSITIVE_MODULES = ["time_embedding", "relative_position_bias_table"]
 
 
@@ -97,8 +96,8 @@ class DiffiTTimeEmbedding(nn.Module):
     ) -> torch.Tensor:
         """Map timesteps ``(B,)`` (and labels ``(B,)``) to the time token ``(B, time_embed_dim)`` in ``dtype``.
 
-        The token is computed in the embedding's own precision (float32 when loaded with ``_keep_in_fp32_modules``)
-        and cast to ``dtype`` (default: that precision) at the end.
+        The token is computed in the embedding's own precision (e.g. float32 where layerwise casting or a
+        quantization backend leaves it so) and cast to ``dtype`` (default: that precision) at the end.
         """
         own_dtype = self.timestep_embedder.linear_1.weight.dtype
         time_token = self.timestep_embedder(self.time_proj(timestep).to(own_dtype))

@@ -69,9 +69,9 @@ class DiffiTTransformer2DModel(
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTTransformerBlock"]
     _repeated_blocks = ["DiffiTTransformerBlock"]
-    #: Kept in float32 by ``from_pretrained(torch_dtype=...)`` and never stored in low precision by layerwise casting.
-    _keep_in_fp32_modules = PRECISION_SENSITIVE_MODULES
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "proj_out"]
+    #: Never stored in low precision by layerwise casting. No ``_keep_in_fp32_modules``: in diffusers it would forbid
+    #: ``from_pretrained(low_cpu_mem_usage=False)``.
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "proj_out", *PRECISION_SENSITIVE_MODULES]
 
     @register_to_config
     def __init__(
