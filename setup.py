@@ -31,6 +31,10 @@ setup(
     ],
     extras_require={
         "train": ["tensorboard>=2.14", "scikit-learn>=1.3"],
+        # LoRA adapters (PeftAdapterMixin, load_lora_weights, examples/train_diffit_lora.py).
+        "lora": ["peft>=0.15"],
+        # Quantized loading on CPU and GPU (TorchAoConfig, QuantoConfig).
+        "quantization": ["torchao>=0.10", "optimum-quanto>=0.2.7"],
         "test": [
             "pytest>=8.0",
             "pytest-timeout>=2.2",
@@ -39,6 +43,9 @@ setup(
             "scikit-learn>=1.3",
             "tensorboard>=2.14",
             "torchmetrics>=1.4",
+            "peft>=0.15",
+            "torchao>=0.10",
+            "optimum-quanto>=0.2.7",
         ],
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "ruff>=0.6"],
         "eval": ["torchmetrics>=1.4"],

@@ -11,6 +11,7 @@ from .models import (
     TimeDependentAttnProcessor,
     TimeDependentExplicitAttnProcessor,
     TimeDependentSelfAttention,
+    grow_class_embedding,
 )
 from .presets import available_presets, load_preset_config
 from .pipelines import DiffiTGuidance, DiffiTPipeline

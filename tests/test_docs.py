@@ -40,8 +40,10 @@ API_MODULES = (
     "diffit_diffusers.convert_nvlabs",
     "diffit_diffusers.loaders",
     "diffit_diffusers.loaders.single_file",
+    "diffit_diffusers.loaders.lora_pipeline",
     "diffit_diffusers.training",
     "diffit_diffusers.training.cli",
+    "diffit_diffusers.training.lora",
 )
 API_DIRECTIVE = re.compile(r"^:::\s+(?P<path>[\w.]+)\s*$", re.MULTILINE)
 

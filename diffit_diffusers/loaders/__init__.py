@@ -1,5 +1,6 @@
-"""Loading NVIDIA's released single-file checkpoints."""
+"""Loading NVIDIA's released single-file checkpoints, and LoRA weights into a pipeline."""
 
+from .lora_pipeline import DiffiTLoraLoaderMixin
 from .single_file import (
     CheckpointConversionError,
     FromOriginalDiffiTMixin,

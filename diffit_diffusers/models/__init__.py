@@ -5,6 +5,7 @@ from .attention import (
     TimeDependentSelfAttention,
 )
 from .cache_support import CacheLayout, DiffiTCacheMixin
+from .class_embedding import grow_class_embedding
 from .denoiser import DENOISER_CLASSES, DenoiserParameterization, DiffiTDenoiserMixin, denoiser_class, register_denoiser
 from .embeddings import DiffiTTimeEmbedding
 from .transformer_block import DiffiTTransformerBlock

@@ -7,6 +7,11 @@ from diffusers.models.embeddings import LabelEmbedding, TimestepEmbedding, Times
 from torch import nn
 
 
+#: Parts of both DiffiT models whose precision matters more than their size: the time token (sinusoid, MLP and
+#: class table) and the relative position bias tables. Layerwise casting never stores them in low precision.
+PRECISION_SENSITIVE_MODULES = ["time_embedding", "relative_position_bias_table"]
+
+
 def broadcast_timestep(timestep: torch.Tensor | float | int, batch_size: int, device: torch.device) -> torch.Tensor:
     """Turn a Python number, a 0-d tensor or a ``(B,)`` tensor into a ``(B,)`` tensor on ``device``."""
     if not torch.is_tensor(timestep):
@@ -54,7 +59,8 @@ class DiffiTTimeEmbedding(nn.Module):
     @property
     def null_class_id(self) -> int | None:
         """Label id of the null (unconditional) class, or ``None`` if the model has none."""
-        if self.class_embedder is None or self.class_embedder.embedding_table.num_embeddings == self.num_classes:
+        # The table's weight rather than ``num_embeddings``: a LoRA-wrapped table (PEFT) only exposes the weight.
+        if self.class_embedder is None or self.class_embedder.embedding_table.weight.shape[0] == self.num_classes:
             return None
         return self.num_classes
 
@@ -88,9 +94,13 @@ class DiffiTTimeEmbedding(nn.Module):
     def forward(
         self, timestep: torch.Tensor, class_labels: torch.Tensor | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """Map timesteps ``(B,)`` (and labels ``(B,)``) to the time token ``(B, time_embed_dim)``."""
-        time_features = self.time_proj(timestep).to(dtype or self.timestep_embedder.linear_1.weight.dtype)
-        time_token = self.timestep_embedder(time_features)
+        """Map timesteps ``(B,)`` (and labels ``(B,)``) to the time token ``(B, time_embed_dim)`` in ``dtype``.
+
+        The token is computed in the embedding's own precision (e.g. float32 where layerwise casting or a
+        quantization backend leaves it so) and cast to ``dtype`` (default: that precision) at the end.
+        """
+        own_dtype = self.timestep_embedder.linear_1.weight.dtype
+        time_token = self.timestep_embedder(self.time_proj(timestep).to(own_dtype))
         if self.class_embedder is not None:
             time_token = time_token + self.class_embedder(class_labels).to(time_token.dtype)
-        return time_token
+        return time_token.to(dtype or own_dtype)

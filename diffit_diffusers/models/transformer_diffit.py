@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -15,7 +16,7 @@ from .attention import DiffiTAttentionMixin
 from .cache_support import CacheLayout, DiffiTCacheMixin
 from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
-from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
+from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
 from .transformer_block import DiffiTTransformerBlock
 
 
@@ -27,6 +28,7 @@ class DiffiTTransformer2DModel(
     PresetMixin,
     ModelMixin,
     ConfigMixin,
+    PeftAdapterMixin,
     FromOriginalDiffiTMixin,
 ):
     r"""The latent DiffiT denoiser (DiffiT-XL/2: 561M parameters, ImageNet-256 FID 1.73).
@@ -69,12 +71,15 @@ class DiffiTTransformer2DModel(
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTTransformerBlock"]
-    _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
     _cache_layout = CacheLayout(
         attention_pattern=r"^transformer_blocks\.\d+\.attn$",
         block_stack="transformer_blocks",
         sample_argument="hidden_states",
     )
+    _repeated_blocks = ["DiffiTTransformerBlock"]
+    #: Never stored in low precision by layerwise casting. No ``_keep_in_fp32_modules``: in diffusers it would forbid
+    #: ``from_pretrained(low_cpu_mem_usage=False)``.
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "proj_out", *PRECISION_SENSITIVE_MODULES]
 
     @register_to_config
     def __init__(

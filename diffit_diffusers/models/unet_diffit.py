@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
@@ -24,7 +25,7 @@ from .attention import DiffiTAttentionMixin
 from .cache_support import CacheLayout, DiffiTCacheMixin
 from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
-from .embeddings import DiffiTTimeEmbedding, broadcast_timestep
+from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
 from .resampling import Downsample2x, Upsample2x
 from .resblock import DiffiTResBlock
 
@@ -114,11 +115,15 @@ class DiffiTUpBlock2D(DiffiTResBlockStack):
         self.upsampler = upsampler
 
     def forward(
-        self, hidden_states: torch.Tensor, skips: list[torch.Tensor], time_token: torch.Tensor
+        self, hidden_states: torch.Tensor, skips: tuple[torch.Tensor, ...], time_token: torch.Tensor
     ) -> torch.Tensor:
-        """``(B, C_in, H, W)`` -> ``(B, C, H', W')``; pops one skip per ResBlock from the end of ``skips``."""
-        for resnet, skip_merge in zip(self.resnets, self.skip_merges):
-            hidden_states = skip_merge(hidden_states, skips.pop())
+        """``(B, C_in, H, W)`` -> ``(B, C, H', W')``; ``skips`` holds one skip per ResBlock, the last one first used.
+
+        The skips come as this block's own tuple rather than a shared list to pop from, so hooks that copy the
+        arguments (group offloading, device placement) see the same skips as the block.
+        """
+        for resnet, skip_merge, skip in zip(self.resnets, self.skip_merges, reversed(skips)):
+            hidden_states = skip_merge(hidden_states, skip)
             hidden_states = self.apply_resblock(resnet, hidden_states, time_token)
         if self.upsampler is not None:
             hidden_states = self.upsampler(hidden_states)
@@ -146,7 +151,13 @@ def _per_stage(value: int | list[int] | tuple[int, ...], name: str, num_stages: 
 
 @register_denoiser
 class DiffiTUNet2DModel(
-    DiffiTDenoiserMixin, DiffiTAttentionMixin, DiffiTCacheMixin, PresetMixin, ModelMixin, ConfigMixin
+    DiffiTDenoiserMixin,
+    DiffiTAttentionMixin,
+    DiffiTCacheMixin,
+    PresetMixin,
+    ModelMixin,
+    ConfigMixin,
+    PeftAdapterMixin,
 ):
     """The image-space DiffiT denoiser (CIFAR-10 FID 1.95, FFHQ-64 2.22): a U-Net built from DiffiT ResBlocks.
 
@@ -202,12 +213,15 @@ class DiffiTUNet2DModel(
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiffiTResBlock"]
-    _skip_layerwise_casting_patterns = ["norm"]
     _cache_layout = CacheLayout(
         attention_pattern=r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.resnets\.\d+\.transformer\.attn$",
         block_stack=None,
         sample_argument="sample",
     )
+    _repeated_blocks = ["DiffiTTransformerBlock"]
+    #: Never stored in low precision by layerwise casting. No ``_keep_in_fp32_modules``: in diffusers it would forbid
+    #: ``from_pretrained(low_cpu_mem_usage=False)``.
+    _skip_layerwise_casting_patterns = ["conv_in", "norm", "conv_out", *PRECISION_SENSITIVE_MODULES]
 
     @register_to_config
     def __init__(
@@ -389,13 +403,15 @@ class DiffiTUNet2DModel(
         # Channels-last feature maps make every ResBlock's (B, C, H, W) <-> (B, H*W, C) token view a free reshape;
         # convolutions, norms, resampling and concatenation keep the format from the input on.
         hidden_states = self.conv_in(_channels_last_copy(sample))
-        skips = [hidden_states]
+        skips = (hidden_states,)
         for down_block in self.down_blocks:
             hidden_states, block_skips = down_block(hidden_states, time_token)
-            skips.extend(block_skips)
+            skips += block_skips
         hidden_states = self.mid_block(hidden_states, time_token)
         for up_block in self.up_blocks:
-            hidden_states = up_block(hidden_states, skips, time_token)
+            num_skips = len(up_block.resnets)
+            hidden_states = up_block(hidden_states, skips[-num_skips:], time_token)
+            skips = skips[:-num_skips]
         output = self.conv_out(self.conv_act(self.conv_norm_out(hidden_states))).contiguous()
 
         if not return_dict:

@@ -19,6 +19,7 @@ from diffusers.models.cache_utils import CacheMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..loaders.lora_pipeline import DiffiTLoraLoaderMixin
 from ..loaders.single_file import (
     OFFICIAL_SAMPLING_DEFAULTS,
     CheckpointConversionError,
@@ -42,7 +43,7 @@ from .model_index import (
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-class DiffiTPipeline(DiffusionPipeline):
+class DiffiTPipeline(DiffusionPipeline, DiffiTLoraLoaderMixin):
     r"""Generate images with a DiffiT denoiser and any diffusers scheduler.
 
     ``from_pretrained`` is diffusers' ``DiffusionPipeline.from_pretrained`` with all its keywords (``variant``,

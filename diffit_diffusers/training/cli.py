@@ -8,7 +8,7 @@ and saved every local file, but the final ``--push_to_hub`` upload failed.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from accelerate import PartialState
 
@@ -30,17 +30,18 @@ LATENT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _run(argv: list[str] | None, description: str, defaults: dict[str, Any]) -> int:
-    config = parse_config(argv, description, defaults)
+def run_trainer(make_trainer: Callable[[], Trainer], result: str) -> int:
+    """Build a trainer with ``make_trainer``, train, report ``Saved <result> to <folder>`` and return the exit status;
+    user errors (a bad path, bad data, a bad option value) become one ``error:`` line."""
     try:
-        trainer = Trainer(config)
+        trainer = make_trainer()
         output_dir = trainer.train()
     except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     if not PartialState().is_main_process:
         return EXIT_OK
-    print(f"Saved the trained DiffiTPipeline to {output_dir}")
+    print(f"Saved {result} to {output_dir}")
     if trainer.hub_push_error is not None:
         print(
             f"error: the final push to the Hub failed ({trainer.hub_push_error}); every local file is saved in "
@@ -49,6 +50,11 @@ def _run(argv: list[str] | None, description: str, defaults: dict[str, Any]) -> 
         )
         return EXIT_HUB_PUSH_FAILED
     return EXIT_OK
+
+
+def _run(argv: list[str] | None, description: str, defaults: dict[str, Any]) -> int:
+    config = parse_config(argv, description, defaults)
+    return run_trainer(lambda: Trainer(config), "the trained DiffiTPipeline")
 
 
 def main_image(argv: list[str] | None = None) -> int:
