@@ -10,6 +10,7 @@ from .models import (
     DiffiTUNet2DModel,
     TimeDependentAttnProcessor,
     TimeDependentExplicitAttnProcessor,
+    TimeDependentFlexAttnProcessor,
     TimeDependentSelfAttention,
 )
 from .presets import available_presets, load_preset_config
