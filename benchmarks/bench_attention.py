@@ -1,11 +1,14 @@
-"""Benchmark TMSA layers: the SDPA (dispatch) path against the explicit softmax path, and the time projection.
+"""Benchmark TMSA layers: the SDPA (dispatch) path against the explicit and FlexAttention paths, and the time
+projection.
 
 Prints one JSON object (and writes it to ``--output`` if given). Every timing is a median over interleaved rounds.
 
 - ``tmsa_forward``: one TMSA layer of a latent preset's width on a global ``grid x grid`` window, through
   ``TimeDependentAttnProcessor`` (diffusers' ``dispatch_attention_fn``, i.e. fused SDPA with the bias as a mask) and
-  through ``TimeDependentExplicitAttnProcessor`` (``softmax(QK^T/sqrt(d) + B) V`` written out).
-- ``time_projection``: the per-block time projections ``time_to_qkv(x_t)`` of a whole latent model, as the model
+  through ``TimeDependentExplicitAttnProcessor`` (``softmax(QK^T/sqrt(d) + B) V`` written out) and through
+  ``TimeDependentFlexAttnProcessor`` (FlexAttention with the bias as ``score_mod``; eager, i.e. PyTorch's unfused
+  reference, unless ``--flex_compile`` compiles the layer with inductor).
+- ``time_projection``: the per-block time projections ``x_t [W_qt W_kt W_vt]`` of a whole latent model, as the model
   runs them (one small matmul per block) against one matmul with every block's weights concatenated, with the
   concatenation prepared beforehand (the best case for batching) and done per call.
 
@@ -23,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from harness import interleaved_median_seconds, machine_info, write_report
 
-from diffit_diffusers import TimeDependentExplicitAttnProcessor, TimeDependentSelfAttention, load_preset_config
+from diffit_diffusers import (
+    TimeDependentExplicitAttnProcessor,
+    TimeDependentFlexAttnProcessor,
+    TimeDependentSelfAttention,
+    load_preset_config,
+)
 
 
 #: The SDPA path must beat the explicit path by this factor on this grid side (a global 32x32 window).
@@ -45,12 +53,22 @@ def bench_tmsa_forward(width_name: str, grid: int, args: argparse.Namespace) -> 
     explicit = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
     explicit.load_state_dict(sdpa.state_dict())
     explicit.set_processor(TimeDependentExplicitAttnProcessor())
+    flex = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    flex.set_processor(TimeDependentFlexAttnProcessor())
+    flex_layer = torch.compile(flex, fullgraph=True) if args.flex_compile else flex
     x = torch.randn(args.batch_size, grid * grid, dim, device=device, dtype=dtype)
     t = torch.randn(args.batch_size, dim, device=device, dtype=dtype)
     with torch.no_grad():
-        max_diff = (sdpa(x, t, grid, grid) - explicit(x, t, grid, grid)).abs().max().item()
+        reference = sdpa(x, t, grid, grid)
+        max_diff = (reference - explicit(x, t, grid, grid)).abs().max().item()
+        flex_max_diff = (reference - flex_layer(x, t, grid, grid)).abs().max().item()
         seconds = interleaved_median_seconds(
-            {"sdpa": lambda: sdpa(x, t, grid, grid), "explicit": lambda: explicit(x, t, grid, grid)},
+            {
+                "sdpa": lambda: sdpa(x, t, grid, grid),
+                "explicit": lambda: explicit(x, t, grid, grid),
+                "flex": lambda: flex_layer(x, t, grid, grid),
+            },
             args.repeats,
             device,
         )
@@ -61,8 +79,12 @@ def bench_tmsa_forward(width_name: str, grid: int, args: argparse.Namespace) -> 
         "grid": grid,
         "sdpa_ms": seconds["sdpa"] * 1e3,
         "explicit_ms": seconds["explicit"] * 1e3,
+        "flex_ms": seconds["flex"] * 1e3,
+        "flex_mode": "inductor" if args.flex_compile else "eager",
         "sdpa_speedup": seconds["explicit"] / seconds["sdpa"],
+        "sdpa_speedup_over_flex": seconds["flex"] / seconds["sdpa"],
         "max_abs_diff": max_diff,
+        "flex_max_abs_diff": flex_max_diff,
     }
 
 
@@ -107,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (default: 7)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--flex_compile", action="store_true", help="compile the flex layer with inductor")
     parser.add_argument("--output", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     if min(args.grids) < 1 or args.batch_size < 1 or args.repeats < 1:
@@ -123,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": str(args.dtype).removeprefix("torch."),
             "batch_size": args.batch_size,
             "repeats": args.repeats,
+            "flex": "inductor-compiled layer" if args.flex_compile else "eager (PyTorch's unfused reference)",
             "timing": "medians over interleaved rounds",
         },
     }
