@@ -30,6 +30,7 @@ from bench_models import (
     RunSettings,
     count_parameters,
     latent_comparison,
+    summarize_profile,
     training_step_fn,
     unet_comparison,
 )
@@ -108,33 +109,11 @@ PAIRS = ("tiny_16", "tiny_28", "cifar10_32", "latent_s2", "latent_b2")
 DEFAULT_BATCH_SIZES = {"tiny_16": 32, "tiny_28": 32, "cifar10_32": 8, "latent_s2": 8, "latent_b2": 4}
 
 
-def profile_kind(event) -> str:
-    while event is not None:
-        for kind, patterns in PROFILE_KINDS.items():
-            if any(pattern in event.name for pattern in patterns):
-                return kind
-        event = event.cpu_parent
-    return PROFILE_OTHER_KIND
-
-
 def profile_step(step) -> dict[str, Any]:
     """Share of one training step's op time (forward, backward and optimiser) per operator kind."""
     with profile() as prof:
         step()
-    totals = dict.fromkeys([*PROFILE_KINDS, PROFILE_OTHER_KIND], 0.0)
-    per_op: dict[str, float] = {}
-    for event in prof.events():
-        if event.self_cpu_time_total <= 0:
-            continue
-        totals[profile_kind(event)] += event.self_cpu_time_total
-        per_op[event.name] = per_op.get(event.name, 0.0) + event.self_cpu_time_total
-    total = sum(totals.values())
-    top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:15]
-    return {
-        "total_ms": total / 1e3,
-        "kinds": {kind: {"ms": us / 1e3, "share": us / total} for kind, us in totals.items()},
-        "top_ops": {name: {"ms": us / 1e3, "share": us / total} for name, us in top_ops},
-    }
+    return summarize_profile(prof, PROFILE_KINDS, PROFILE_OTHER_KIND)
 
 
 def run_pair(name: str, batch_size: int, settings: RunSettings, profile_models: bool) -> dict[str, Any]:
