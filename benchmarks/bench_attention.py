@@ -11,6 +11,7 @@ Prints one JSON object (and writes it to ``--output`` if given). Every timing is
 - ``time_projection``: the per-block time projections ``x_t [W_qt W_kt W_vt]`` of a whole latent model, as the model
   runs them (one small matmul per block) against one matmul with every block's weights concatenated, with the
   concatenation prepared beforehand (the best case for batching) and done per call.
+- ``sdpa_kernels``: which attention kernels ``torch.profiler`` sees in inference and training forwards of TMSA layers.
 
     python benchmarks/bench_attention.py --output benchmarks/results/cpu-attention.json
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import profile
 from harness import interleaved_median_seconds, machine_info, write_report
 
 from diffit_diffusers import (
@@ -86,6 +88,29 @@ def bench_tmsa_forward(width_name: str, grid: int, args: argparse.Namespace) -> 
         "max_abs_diff": max_diff,
         "flex_max_abs_diff": flex_max_diff,
     }
+
+
+def sdpa_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The attention kernels ``torch.profiler`` sees in an inference and a training forward of a TMSA layer."""
+    rows = []
+    for name, dim, heads, grid, window in (
+        ("latent S/2 layer, global 16x16 window", 384, 6, 16, 16),
+        ("U-Net layer, 4x4 windows on a 16x16 grid", 128, 4, 16, 4),
+        ("U-Net layer, 4x4 windows on a padded 14x14 grid", 64, 2, 14, 4),
+    ):
+        attn = TimeDependentSelfAttention(dim, dim, heads, window, pad_to_window=True).to(args.device, args.dtype)
+        x = torch.randn(2, grid * grid, dim, device=args.device, dtype=args.dtype)
+        t = torch.randn(2, dim, device=args.device, dtype=args.dtype)
+        for mode in ("inference", "training"):
+            with profile() as prof:
+                if mode == "inference":
+                    with torch.no_grad():
+                        attn.eval()(x, t, grid, grid)
+                else:
+                    attn.train()(x, t, grid, grid).sum().backward()
+            kernels = sorted({e.name for e in prof.events() if "scaled_dot_product" in e.name or "softmax" in e.name})
+            rows.append({"layer": name, "forward": mode, "attention_ops": kernels})
+    return rows
 
 
 def bench_time_projection(width_name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print("tmsa_forward", file=sys.stderr)
     report["tmsa_forward"] = [bench_tmsa_forward(w, grid, args) for w in args.widths for grid in args.grids]
+    print("sdpa_kernels", file=sys.stderr)
+    report["sdpa_kernels"] = sdpa_kernels(args)
     print("time_projection", file=sys.stderr)
     report["time_projection"] = [bench_time_projection(w, args) for w in args.widths]
     grid, limit = SDPA_SPEEDUP_TARGET
