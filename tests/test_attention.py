@@ -309,6 +309,8 @@ def test_flex_processor_matches_default_forward_and_gradients(build, inputs, fle
     expected, expected_grads = loss_and_grads()
     model.set_attention_backend("flex")
     assert all(isinstance(p, TimeDependentFlexAttnProcessor) for p in model.attn_processors.values())
+    # Only this model's layers: the process-wide default stays (other models' training is unaffected).
+    assert tiny_transformer()(torch.randn(1, 4, 8, 8), 3, torch.tensor([1])).sample.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y).sample, expected, atol=1e-5, rtol=1e-5)
     out, grads = loss_and_grads()
@@ -317,7 +319,7 @@ def test_flex_processor_matches_default_forward_and_gradients(build, inputs, fle
     assert any("relative_position_bias_table" in name for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    model.set_attention_backend("native")
+    model.reset_attention_backend()
     assert all(type(p) is TimeDependentAttnProcessor for p in model.attn_processors.values())
 
 
@@ -329,3 +331,5 @@ def test_flex_processor_refuses_cpu_training_with_a_clear_error():
         assert model(x, 3, labels).sample.shape == (1, 8, 8, 8)
     with pytest.raises(ValueError, match="no backward on CPU"):
         model(x, 3, labels)
+    model.set_attention_backend("native")
+    assert model(x, 3, labels).sample.requires_grad

@@ -484,18 +484,26 @@ class DiffiTAttentionMixin(AttentionMixin):
     def set_attention_backend(self, backend: str) -> None:
         """Route every TMSA layer through ``backend``; it must take an additive mask (see ``MASK_CAPABLE_BACKENDS``).
 
-        ``"flex"`` installs ``TimeDependentFlexAttnProcessor`` (bias as ``score_mod``, padding as ``block_mask``);
-        any other backend puts the default processor back in its place.
+        ``"flex"`` installs ``TimeDependentFlexAttnProcessor`` (bias as ``score_mod``, padding as ``block_mask``) on
+        this model's layers only, leaving diffusers' process-wide active backend alone; any other backend puts the
+        default processor back and is set the diffusers way.
         """
         check_backend_takes_bias(backend)
-        is_flex = AttentionBackendName(str(backend).lower()) == AttentionBackendName.FLEX
-        processor_cls = TimeDependentFlexAttnProcessor if is_flex else TimeDependentAttnProcessor
-        for module in self.modules():
-            if isinstance(module, TimeDependentSelfAttention) and isinstance(
-                module.processor, (TimeDependentAttnProcessor, TimeDependentFlexAttnProcessor)
-            ) and not isinstance(module.processor, processor_cls):
-                module.set_processor(processor_cls())
+        if AttentionBackendName(str(backend).lower()) == AttentionBackendName.FLEX:
+            self._replace_processors(TimeDependentAttnProcessor, TimeDependentFlexAttnProcessor)
+            return
+        self._replace_processors(TimeDependentFlexAttnProcessor, TimeDependentAttnProcessor)
         super().set_attention_backend(backend)
+
+    def reset_attention_backend(self) -> None:
+        """Back to the default processor and diffusers' default backend on every TMSA layer."""
+        self._replace_processors(TimeDependentFlexAttnProcessor, TimeDependentAttnProcessor)
+        super().reset_attention_backend()
+
+    def _replace_processors(self, old_cls: type, new_cls: type) -> None:
+        for module in self.modules():
+            if isinstance(module, TimeDependentSelfAttention) and type(module.processor) is old_cls:
+                module.set_processor(new_cls())
 
     def _fix_state_dict_keys_on_load(self, state_dict: dict[str, torch.Tensor]) -> None:
         """``from_pretrained``'s key fix-up: split the fused ``to_qkv`` / ``time_to_qkv`` weights of older folders."""
