@@ -328,7 +328,7 @@ def test_flex_processor_refuses_cpu_training_with_a_clear_error():
     model.set_attention_backend("flex")
     x, labels = torch.randn(1, 4, 8, 8), torch.tensor([1])
     with torch.no_grad():
-        assert model(x, 3, labels).sample.shape == (1, 8, 8, 8)
+        assert model(x, 3, labels).sample.shape[-2:] == (8, 8)
     with pytest.raises(ValueError, match="no backward on CPU"):
         model(x, 3, labels)
     model.set_attention_backend("native")
