@@ -1,13 +1,17 @@
-"""Benchmark TMSA layers: the SDPA (dispatch) path against the explicit softmax path, and the time projection.
+"""Benchmark TMSA layers: the SDPA (dispatch) path against the explicit and FlexAttention paths, and the time
+projection.
 
 Prints one JSON object (and writes it to ``--output`` if given). Every timing is a median over interleaved rounds.
 
 - ``tmsa_forward``: one TMSA layer of a latent preset's width on a global ``grid x grid`` window, through
   ``TimeDependentAttnProcessor`` (diffusers' ``dispatch_attention_fn``, i.e. fused SDPA with the bias as a mask) and
-  through ``TimeDependentExplicitAttnProcessor`` (``softmax(QK^T/sqrt(d) + B) V`` written out).
-- ``time_projection``: the per-block time projections ``time_to_qkv(x_t)`` of a whole latent model, as the model
+  through ``TimeDependentExplicitAttnProcessor`` (``softmax(QK^T/sqrt(d) + B) V`` written out) and through
+  ``TimeDependentFlexAttnProcessor`` (FlexAttention with the bias as ``score_mod``; eager, i.e. PyTorch's unfused
+  reference, unless ``--flex_compile`` compiles the layer with inductor).
+- ``time_projection``: the per-block time projections ``x_t [W_qt W_kt W_vt]`` of a whole latent model, as the model
   runs them (one small matmul per block) against one matmul with every block's weights concatenated, with the
   concatenation prepared beforehand (the best case for batching) and done per call.
+- ``sdpa_kernels``: which attention kernels ``torch.profiler`` sees in inference and training forwards of TMSA layers.
 
     python benchmarks/bench_attention.py --output benchmarks/results/cpu-attention.json
 """
@@ -21,9 +25,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import profile
 from harness import interleaved_median_seconds, machine_info, write_report
 
-from diffit_diffusers import TimeDependentExplicitAttnProcessor, TimeDependentSelfAttention, load_preset_config
+from diffit_diffusers import (
+    TimeDependentExplicitAttnProcessor,
+    TimeDependentFlexAttnProcessor,
+    TimeDependentSelfAttention,
+    load_preset_config,
+)
 
 
 #: The SDPA path must beat the explicit path by this factor on this grid side (a global 32x32 window).
@@ -45,12 +55,22 @@ def bench_tmsa_forward(width_name: str, grid: int, args: argparse.Namespace) -> 
     explicit = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
     explicit.load_state_dict(sdpa.state_dict())
     explicit.set_processor(TimeDependentExplicitAttnProcessor())
+    flex = TimeDependentSelfAttention(dim, dim, heads, window_size=grid).to(device, dtype).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    flex.set_processor(TimeDependentFlexAttnProcessor())
+    flex_layer = torch.compile(flex, fullgraph=True) if args.flex_compile else flex
     x = torch.randn(args.batch_size, grid * grid, dim, device=device, dtype=dtype)
     t = torch.randn(args.batch_size, dim, device=device, dtype=dtype)
     with torch.no_grad():
-        max_diff = (sdpa(x, t, grid, grid) - explicit(x, t, grid, grid)).abs().max().item()
+        reference = sdpa(x, t, grid, grid)
+        max_diff = (reference - explicit(x, t, grid, grid)).abs().max().item()
+        flex_max_diff = (reference - flex_layer(x, t, grid, grid)).abs().max().item()
         seconds = interleaved_median_seconds(
-            {"sdpa": lambda: sdpa(x, t, grid, grid), "explicit": lambda: explicit(x, t, grid, grid)},
+            {
+                "sdpa": lambda: sdpa(x, t, grid, grid),
+                "explicit": lambda: explicit(x, t, grid, grid),
+                "flex": lambda: flex_layer(x, t, grid, grid),
+            },
             args.repeats,
             device,
         )
@@ -61,9 +81,36 @@ def bench_tmsa_forward(width_name: str, grid: int, args: argparse.Namespace) -> 
         "grid": grid,
         "sdpa_ms": seconds["sdpa"] * 1e3,
         "explicit_ms": seconds["explicit"] * 1e3,
+        "flex_ms": seconds["flex"] * 1e3,
+        "flex_mode": "inductor" if args.flex_compile else "eager",
         "sdpa_speedup": seconds["explicit"] / seconds["sdpa"],
+        "sdpa_speedup_over_flex": seconds["flex"] / seconds["sdpa"],
         "max_abs_diff": max_diff,
+        "flex_max_abs_diff": flex_max_diff,
     }
+
+
+def sdpa_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The attention kernels ``torch.profiler`` sees in an inference and a training forward of a TMSA layer."""
+    rows = []
+    for name, dim, heads, grid, window in (
+        ("latent S/2 layer, global 16x16 window", 384, 6, 16, 16),
+        ("U-Net layer, 4x4 windows on a 16x16 grid", 128, 4, 16, 4),
+        ("U-Net layer, 4x4 windows on a padded 14x14 grid", 64, 2, 14, 4),
+    ):
+        attn = TimeDependentSelfAttention(dim, dim, heads, window, pad_to_window=True).to(args.device, args.dtype)
+        x = torch.randn(2, grid * grid, dim, device=args.device, dtype=args.dtype)
+        t = torch.randn(2, dim, device=args.device, dtype=args.dtype)
+        for mode in ("inference", "training"):
+            with profile() as prof:
+                if mode == "inference":
+                    with torch.no_grad():
+                        attn.eval()(x, t, grid, grid)
+                else:
+                    attn.train()(x, t, grid, grid).sum().backward()
+            kernels = sorted({e.name for e in prof.events() if "scaled_dot_product" in e.name or "softmax" in e.name})
+            rows.append({"layer": name, "forward": mode, "attention_ops": kernels})
+    return rows
 
 
 def bench_time_projection(width_name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -107,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds (default: 7)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--flex_compile", action="store_true", help="compile the flex layer with inductor")
     parser.add_argument("--output", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
     if min(args.grids) < 1 or args.batch_size < 1 or args.repeats < 1:
@@ -123,11 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": str(args.dtype).removeprefix("torch."),
             "batch_size": args.batch_size,
             "repeats": args.repeats,
+            "flex": "inductor-compiled layer" if args.flex_compile else "eager (PyTorch's unfused reference)",
             "timing": "medians over interleaved rounds",
         },
     }
     print("tmsa_forward", file=sys.stderr)
     report["tmsa_forward"] = [bench_tmsa_forward(w, grid, args) for w in args.widths for grid in args.grids]
+    print("sdpa_kernels", file=sys.stderr)
+    report["sdpa_kernels"] = sdpa_kernels(args)
     print("time_projection", file=sys.stderr)
     report["time_projection"] = [bench_time_projection(w, args) for w in args.widths]
     grid, limit = SDPA_SPEEDUP_TARGET

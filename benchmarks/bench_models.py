@@ -261,14 +261,20 @@ def profile_forward(model: nn.Module, case: ModelCase, settings: RunSettings) ->
     with profile(activities=activities) as prof:
         forward()
         synchronize(settings.device)
-    use_device_time = settings.device.type == "cuda"
-    totals = dict.fromkeys([*PROFILE_CATEGORIES, PROFILE_OTHER_CATEGORY], 0.0)
+    return summarize_profile(prof, PROFILE_CATEGORIES, PROFILE_OTHER_CATEGORY, settings.device.type == "cuda")
+
+
+def summarize_profile(
+    prof: profile, categories: dict[str, tuple[str, ...]], other: str, use_device_time: bool = False
+) -> dict[str, Any]:
+    """Op time per category and the most expensive ops of a finished ``torch.profiler`` run."""
+    totals = dict.fromkeys([*categories, other], 0.0)
     per_op: dict[str, float] = {}
     for event in prof.events():
         self_us = event.self_device_time_total if use_device_time else event.self_cpu_time_total
         if self_us <= 0:
             continue
-        totals[profile_category(event)] += self_us
+        totals[profile_category(event, categories, other)] += self_us
         per_op[event.name] = per_op.get(event.name, 0.0) + self_us
     total = sum(totals.values())
     top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
@@ -280,13 +286,14 @@ def profile_forward(model: nn.Module, case: ModelCase, settings: RunSettings) ->
     }
 
 
-def profile_category(event) -> str:
+def profile_category(event, categories: dict[str, tuple[str, ...]], other: str) -> str:
+    """The first category with a pattern in the name of ``event``, else of its nearest parent that has one."""
     while event is not None:
-        for category, patterns in PROFILE_CATEGORIES.items():
+        for category, patterns in categories.items():
             if any(pattern in event.name for pattern in patterns):
                 return category
         event = event.cpu_parent
-    return PROFILE_OTHER_CATEGORY
+    return other
 
 
 def run_comparison(setup: ComparisonSetup, settings: RunSettings) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from .models import (
     DiffiTUNet2DModel,
     TimeDependentAttnProcessor,
     TimeDependentExplicitAttnProcessor,
+    TimeDependentFlexAttnProcessor,
     TimeDependentSelfAttention,
     grow_class_embedding,
 )

@@ -5,12 +5,15 @@ import torch
 
 from diffit_diffusers import (
     DiffiTTransformer2DModel,
+    TimeDependentAttnProcessor,
     TimeDependentExplicitAttnProcessor,
+    TimeDependentFlexAttnProcessor,
     TimeDependentSelfAttention,
 )
 from diffit_diffusers.models.attention import (
     check_backend_takes_bias,
     relative_position_index,
+    time_dependent_qkv,
     window_layout,
     window_merge,
     window_partition,
@@ -71,14 +74,12 @@ def test_output_shape_and_time_dependence():
 def test_projection_is_spatial_plus_time_linear_maps():
     attn = make_attention(window_size=2, dim=8, heads=2, time_dim=4)
     x, t = torch.randn(1, 4, 8), torch.randn(1, 4)
-    query, key, value, _ = attn.project_qkv(x, t, 2, 2)
-    w_s, b_s = attn.to_qkv.weight, attn.to_qkv.bias
-    w_t, b_t = attn.time_to_qkv.weight, attn.time_to_qkv.bias
-    expected = x @ w_s.T + b_s + (t @ w_t.T + b_t)[:, None]
-    q, k, v = expected.chunk(3, dim=-1)
-    torch.testing.assert_close(query.flatten(2), q)
-    torch.testing.assert_close(key.flatten(2), k)
-    torch.testing.assert_close(value.flatten(2), v)
+    layout = attn.window_layout(x, t, 2, 2)
+    projections = time_dependent_qkv(attn, window_partition(x, layout), t, layout)
+    for got, spatial, temporal in zip(projections, ("to_q", "to_k", "to_v"), ("time_to_q", "time_to_k", "time_to_v")):
+        w_s, b_s = getattr(attn, spatial).weight, getattr(attn, spatial).bias
+        w_t, b_t = getattr(attn, temporal).weight, getattr(attn, temporal).bias
+        torch.testing.assert_close(got.flatten(2), x @ w_s.T + b_s + (t @ w_t.T + b_t)[:, None])
 
 
 def test_windowed_attention_equals_attention_per_window_by_hand():
@@ -91,8 +92,12 @@ def test_windowed_attention_equals_attention_per_window_by_hand():
         for r in (0, 2):
             for c in (0, 2):
                 tokens = grid[b, r : r + 2, c : c + 2].reshape(1, 4, 8)
-                qkv = attn.to_qkv(tokens) + attn.time_to_qkv(t[b : b + 1])[:, None]
-                q, k, v = (z.view(4, 2, 4).transpose(0, 1) for z in qkv[0].chunk(3, dim=-1))
+                q, k, v = (
+                    (getattr(attn, f"to_{n}")(tokens) + getattr(attn, f"time_to_{n}")(t[b : b + 1])[:, None])[0]
+                    .view(4, 2, 4)
+                    .transpose(0, 1)
+                    for n in "qkv"
+                )
                 weights = (q @ k.transpose(-1, -2) / 2.0 + bias).softmax(-1)
                 expected = attn.to_out((weights @ v).transpose(0, 1).reshape(4, 8))
                 got = out.view(2, 4, 4, 8)[b, r : r + 2, c : c + 2].reshape(4, 8)
@@ -185,3 +190,146 @@ def test_backend_check_rejects_maskless_backends_at_call_time():
     attn.processor._attention_backend = "sage"
     with pytest.raises(ValueError, match="'sage' cannot take"):
         attn(torch.randn(1, 64, 16), torch.randn(1, 8), 8, 8)
+
+
+# --- QKV fusion (diffusers' AttentionModuleMixin contract) and checkpoints with fused projections -----------------
+
+
+def tiny_unet():
+    from diffit_diffusers import DiffiTUNet2DModel
+
+    torch.manual_seed(0)
+    model = DiffiTUNet2DModel(
+        in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1, window_size=4,
+        attention_head_dim=8, norm_num_groups=4, time_embed_dim=32, mid_block_layers=1,
+    )
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)
+    return model
+
+
+def fused_state_dict(model):
+    """The model's weights as checkpoints saved before the projections were separate hold them."""
+    state_dict = dict(model.state_dict())
+    for key in [k for k in state_dict if ".to_q." in k or ".time_to_q." in k]:
+        stem, name, parameter = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1], key.rsplit(".", 1)[1]
+        parts = [state_dict.pop(f"{stem}.{name[:-1]}{n}.{parameter}") for n in "qkv"]
+        state_dict[f"{stem}.{name}kv.{parameter}"] = torch.cat(parts)
+    return state_dict
+
+
+@pytest.mark.parametrize("build, inputs", [
+    (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))),
+    (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None)),  # 12x12 and 6x6 grids: padded
+])
+def test_fuse_and_unfuse_qkv_projections_keep_outputs(build, inputs):
+    model = build().eval()  # no label dropout
+    x, t, y = inputs()
+    attn = next(m for m in model.modules() if isinstance(m, TimeDependentSelfAttention))
+    assert not attn.fused_projections and not hasattr(attn, "to_qkv")
+    expected = model(x, t, y).sample
+    model.fuse_qkv_projections()
+    assert attn.fused_projections and attn.to_qkv.out_features == 3 * attn.dim
+    assert attn.time_to_qkv.in_features == attn.time_embed_dim
+    torch.testing.assert_close(model(x, t, y).sample, expected, atol=1e-5, rtol=1e-5)
+    model.unfuse_qkv_projections()
+    assert not attn.fused_projections and not hasattr(attn, "to_qkv") and not hasattr(attn, "time_to_qkv")
+    torch.testing.assert_close(model(x, t, y).sample, expected, atol=0, rtol=0)
+
+
+def test_lora_style_wrapped_projection_is_called():
+    """Projections replaced by other modules (as LoRA or quantization do) are called, not bypassed."""
+    attn = make_attention()
+    x, t = torch.randn(1, 64, 16), torch.randn(1, 8)
+    before = attn(x, t, 8, 8)
+    attn.to_v = torch.nn.Sequential(attn.to_v, torch.nn.Identity())
+    torch.testing.assert_close(attn(x, t, 8, 8), before, atol=1e-6, rtol=1e-6)
+    handle = attn.to_k.register_forward_hook(lambda module, args, output: output * 0)
+    assert not torch.allclose(attn(x, t, 8, 8), before)
+    handle.remove()
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused-model", "fused-model"])
+def test_checkpoints_with_fused_projections_load(tmp_path, fuse):
+    from safetensors.torch import save_file
+
+    model = tiny_transformer().eval()
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    expected = model(x, 3, labels).sample
+    model.save_pretrained(tmp_path)
+    save_file(fused_state_dict(model), tmp_path / "diffusion_pytorch_model.safetensors")  # an older folder
+
+    loaded = DiffiTTransformer2DModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(x, 3, labels).sample, expected, atol=0, rtol=0)
+    plain = tiny_transformer().eval()
+    if fuse:
+        plain.fuse_qkv_projections()
+    plain.load_state_dict(fused_state_dict(model))
+    torch.testing.assert_close(plain(x, 3, labels).sample, expected, atol=1e-5, rtol=1e-5)
+    if fuse:  # a fused model also loads today's separate weights
+        other = tiny_transformer().eval()
+        other.fuse_qkv_projections()
+        other.load_state_dict(model.state_dict())
+        torch.testing.assert_close(other(x, 3, labels).sample, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- FlexAttention ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flex_reference_backward_on_cpu(monkeypatch):
+    """PyTorch refuses FlexAttention backward on CPU with an up-front device check, though its unfused reference
+    implementation computes it. Lifting that check lets the tests compare gradients through the flex processor's
+    ``score_mod`` and ``block_mask`` on this CPU; the processor itself still refuses CPU training."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    monkeypatch.setattr(TimeDependentFlexAttnProcessor, "_check_device_supports_backward", lambda self, attn, x: None)
+
+
+@pytest.mark.parametrize("build, inputs", [
+    (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))),
+    (tiny_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None)),  # unpadded 16x16 and 8x8
+    (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None)),  # padded 12x12 and 6x6
+], ids=["transformer", "unet", "unet-padded"])
+def test_flex_processor_matches_default_forward_and_gradients(build, inputs, flex_reference_backward_on_cpu):
+    model = build().eval()  # no label dropout
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    x, t, y = inputs()
+    target = torch.randn_like(x)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, y).sample
+        torch.nn.functional.mse_loss(out[:, : x.shape[1]], target).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    expected, expected_grads = loss_and_grads()
+    model.set_attention_backend("flex")
+    assert all(isinstance(p, TimeDependentFlexAttnProcessor) for p in model.attn_processors.values())
+    # Only this model's layers: the process-wide default stays (other models' training is unaffected).
+    assert tiny_transformer()(torch.randn(1, 4, 8, 8), 3, torch.tensor([1])).sample.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y).sample, expected, atol=1e-5, rtol=1e-5)
+    out, grads = loss_and_grads()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    assert any("relative_position_bias_table" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    model.reset_attention_backend()
+    assert all(type(p) is TimeDependentAttnProcessor for p in model.attn_processors.values())
+
+
+def test_flex_processor_refuses_cpu_training_with_a_clear_error():
+    model = tiny_transformer().eval()
+    model.set_attention_backend("flex")
+    x, labels = torch.randn(1, 4, 8, 8), torch.tensor([1])
+    with torch.no_grad():
+        assert model(x, 3, labels).sample.shape[-2:] == (8, 8)
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        model(x, 3, labels)
+    model.set_attention_backend("native")
+    assert model(x, 3, labels).sample.requires_grad

@@ -1,4 +1,4 @@
-"""The fast paths: the cached position bias and its invalidation, the in-place time term, layouts that keep the
+"""The fast paths: the one-gather position bias, the in-place time term, layouts that keep the
 transformer blocks free of copies, torch.compile(fullgraph=True) and mixed precision."""
 
 import pytest
@@ -10,10 +10,9 @@ from diffit_diffusers import (
     DiffiTPipeline,
     DiffiTTransformer2DModel,
     DiffiTUNet2DModel,
-    TimeDependentExplicitAttnProcessor,
     TimeDependentSelfAttention,
 )
-from diffit_diffusers.models.attention import window_layout
+from diffit_diffusers.models.attention import time_dependent_qkv, window_partition
 from diffit_diffusers.models.resblock import DiffiTResBlock
 from diffit_diffusers.models.transformer_block import DiffiTTransformerBlock
 
@@ -57,17 +56,7 @@ def unet_inputs():
     return torch.randn(2, 1, 16, 16, generator=generator), torch.tensor([10.0, 400.0]), torch.tensor([1, 10])
 
 
-def uncached_reference(attn, x, t, size):
-    """The layer's output with the bias rebuilt from the table (training mode never caches)."""
-    attn.train()
-    try:
-        with torch.no_grad():
-            return attn(x, t, size, size)
-    finally:
-        attn.eval()
-
-
-# --- Relative position bias cache ---------------------------------------------------------------------------------
+# --- Relative position bias ----------------------------------------------------------------------------------------
 
 
 def test_bias_is_gathered_contiguous_per_head():
@@ -79,90 +68,26 @@ def test_bias_is_gathered_contiguous_per_head():
         torch.testing.assert_close(bias[head], table[index, head], rtol=0, atol=0)
 
 
-def test_inference_reuses_the_bias_until_the_table_changes():
-    attn = attention()
-    layout = window_layout(1, 8, 8, 4, pad=False)
-    with torch.no_grad():
-        first = attn.attention_bias(layout, torch.float32)
-        assert attn.attention_bias(layout, torch.float32) is first
-        half = attn.attention_bias(layout, torch.bfloat16)
-        assert half.dtype == torch.bfloat16
-        torch.testing.assert_close(half.float(), first, atol=1e-2, rtol=1e-2)
-        attn.relative_position_bias_table[0, 0] += 1.0
-        rebuilt = attn.attention_bias(layout, torch.float32)
-    assert rebuilt is not first
-    torch.testing.assert_close(rebuilt[0], attn.relative_position_bias())
-
-
-@pytest.mark.parametrize("change", ["in_place", "through_data", "load_state_dict"])
-def test_changed_weights_change_the_cached_output(change):
-    attn, donor = attention(seed=0), attention(seed=1)
-    x, t = torch.randn(2, 64, 16), torch.randn(2, 8)
-    with torch.no_grad():
-        before = attn(x, t, 8, 8)
-        assert attn._position_bias_cache is not None
-        table = attn.relative_position_bias_table
-        if change == "in_place":
-            table.mul_(-1.0)
-        elif change == "through_data":  # how EMA swaps weights: invisible to the version counter
-            table.data.copy_(donor.relative_position_bias_table.data)
-        else:
-            attn.load_state_dict(donor.state_dict())
-        after = attn(x, t, 8, 8)
-    assert not torch.allclose(after, before)
-    torch.testing.assert_close(after, uncached_reference(attn, x, t, 8), rtol=0, atol=0)
-
-
-def test_training_and_gradient_forwards_do_not_cache_and_reach_the_table():
-    attn = attention()
-    x, t = torch.randn(2, 64, 16), torch.randn(2, 8)
-    for mode in ("train", "eval"):
-        getattr(attn, mode)()
-        for _ in range(2):  # a cached, already back-propagated bias would fail the second backward
-            attn.relative_position_bias_table.grad = None
-            attn(x, t, 8, 8).square().sum().backward()
-            assert attn.relative_position_bias_table.grad.abs().sum() > 0
-    assert attn._position_bias_cache is None
-
-
-def test_bias_larger_than_the_qkv_weight_is_not_cached():
-    # 16x16 global window: bias 2 * 256^2 = 131072 values, to_qkv weight 48 * 16 = 768.
-    attn = attention(window_size=16)
-    with torch.no_grad():
-        attn(torch.randn(1, 256, 16), torch.randn(1, 8), 16, 16)
-    assert attn._position_bias_cache is None
-
-
-def test_cached_model_matches_explicit_processor_after_weight_updates():
-    model = latent_model()
-    x, t, y = latent_inputs()
-    with torch.no_grad():
-        model(x, t, y)  # fills the caches
-        for block in model.transformer_blocks:
-            block.attn.relative_position_bias_table.data.normal_()
-        cached = model(x, t, y).sample
-        model.set_attn_processor(TimeDependentExplicitAttnProcessor())
-        explicit = model(x, t, y).sample
-    torch.testing.assert_close(cached, explicit, atol=1e-5, rtol=1e-5)
-
-
 # --- Time term added in place ----------------------------------------------------------------------------------------
 
 
-def test_in_place_time_term_keeps_gradients_exact():
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_in_place_time_term_keeps_gradients_exact(fused):
     attn = attention(window_size=2)
     attn.train()
+    if fused:
+        attn.fuse_projections()
     x = torch.randn(2, 16, 16, requires_grad=True)
     t = torch.randn(2, 8, requires_grad=True)
-    query, key, value, _ = attn.project_qkv(x, t, 4, 4)
+    layout = attn.window_layout(x, t, 4, 4)
+    query, key, value = time_dependent_qkv(attn, window_partition(x, layout), t, layout)
     (query.sum() + 2 * key.sum() + 3 * value.sum()).backward()
     # d/dx of sum_j c_j (x W_j^T + b_j + t U_j^T + u_j) = sum_j c_j * (column sums of W_j), same for t with U_j.
-    weights = torch.tensor([1.0, 2.0, 3.0]).repeat_interleave(16)
-    expected_x = (weights[:, None] * attn.to_qkv.weight).sum(0).expand(2, 16, 16)
+    spatial = sum(c * getattr(attn, f"to_{n}").weight.sum(0) for c, n in zip((1, 2, 3), "qkv"))
+    temporal = sum(c * getattr(attn, f"time_to_{n}").weight.sum(0) for c, n in zip((1, 2, 3), "qkv"))
+    torch.testing.assert_close(x.grad, spatial.expand(2, 16, 16))
     # Each image's time token reaches all 16 of its tokens.
-    expected_t = 16 * (weights[:, None] * attn.time_to_qkv.weight).sum(0).expand(2, 8)
-    torch.testing.assert_close(x.grad, expected_x)
-    torch.testing.assert_close(t.grad, expected_t)
+    torch.testing.assert_close(t.grad, 16 * temporal.expand(2, 8))
 
 
 # --- Layouts ---------------------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def test_default_init_matches_released_recipe():
         sample_size=8, num_layers=1, num_attention_heads=2, attention_head_dim=8, num_classes=10
     )
     assert torch.count_nonzero(model.proj_out.weight) == 0
-    assert torch.count_nonzero(model.transformer_blocks[0].attn.to_qkv.bias) == 0
+    attn = model.transformer_blocks[0].attn
+    assert all(torch.count_nonzero(getattr(attn, f"{p}_{n}").bias) == 0 for p in ("to", "time_to") for n in "qkv")
     table = model.time_embedding.class_embedder.embedding_table.weight
     assert table.shape == (11, 16) and 0.01 < table.std() < 0.03
     out = model(torch.randn(1, 4, 8, 8), 1, torch.tensor([3])).sample

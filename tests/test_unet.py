@@ -12,7 +12,8 @@ from diffusers import (
 from torch import nn
 
 from diffit_diffusers.models.attention import TimeDependentExplicitAttnProcessor
-from diffit_diffusers.models.resampling import Downsample2x, Upsample2x
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.upsampling import Upsample2D
 from diffit_diffusers.models.resblock import DiffiTResBlock
 from diffit_diffusers.models.unet_diffit import DiffiTUNet2DModel, SkipMerge
 from diffit_diffusers.presets import available_presets
@@ -61,7 +62,7 @@ def attention_by_hand(attn, tokens, time_token, height, width):
     head_dim = channels // heads
     grid = tokens.view(batch, height, width, channels)
     out = torch.empty_like(grid)
-    time_qkv = attn.time_to_qkv(time_token)[:, None]
+    time_qkv = torch.cat([getattr(attn, f"time_to_{n}")(time_token) for n in "qkv"], dim=-1)[:, None]
     table = attn.relative_position_bias_table  # ((2w-1)^2, heads)
     for top in range(0, height, w):
         for left in range(0, width, w):
@@ -72,7 +73,8 @@ def attention_by_hand(attn, tokens, time_token, height, width):
                 [[(r1 - r2 + w - 1) * (2 * w - 1) + (c1 - c2 + w - 1) for r2, c2 in coords] for r1, c1 in coords]
             )
             bias = table[index].permute(2, 0, 1)  # (heads, n, n)
-            qkv = attn.to_qkv(window.reshape(batch, rows * cols, channels)) + time_qkv
+            window_tokens = window.reshape(batch, rows * cols, channels)
+            qkv = torch.cat([getattr(attn, f"to_{n}")(window_tokens) for n in "qkv"], dim=-1) + time_qkv
             q, k, v = (z.view(batch, rows * cols, heads, head_dim).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
             weights = (q @ k.transpose(-1, -2) / head_dim**0.5 + bias).softmax(dim=-1)
             merged = (weights @ v).transpose(1, 2).reshape(batch, rows * cols, channels)
@@ -129,8 +131,8 @@ def test_layout_follows_config_per_stage():
     assert [b.resnets[0].transformer.attn.window_size for b in model.up_blocks] == [1, 2, 4]
     assert model.mid_block.resnets[0].transformer.attn.window_size == 1
     assert [b.resnets[0].transformer.attn.heads for b in model.down_blocks] == [2, 4, 4]
-    assert isinstance(model.down_blocks[0].downsampler, Downsample2x) and model.down_blocks[2].downsampler is None
-    assert isinstance(model.up_blocks[0].upsampler, Upsample2x) and model.up_blocks[2].upsampler is None
+    assert isinstance(model.down_blocks[0].downsampler, Downsample2D) and model.down_blocks[2].downsampler is None
+    assert isinstance(model.up_blocks[0].upsampler, Upsample2D) and model.up_blocks[2].upsampler is None
     assert model(torch.randn(1, 3, 16, 16), 3).sample.shape == (1, 3, 16, 16)
 
 
@@ -278,7 +280,8 @@ def test_decision_options(overrides):
     if overrides.get("shortcut_kernel_size") == 3:
         assert model.down_blocks[1].resnets[0].conv_shortcut.kernel_size == (3, 3)
     if overrides.get("downsample_type") == "avg_pool":
-        assert model.down_blocks[0].downsampler.conv is None and model.up_blocks[0].upsampler.conv is None
+        assert isinstance(model.down_blocks[0].downsampler.conv, torch.nn.AvgPool2d)
+        assert model.up_blocks[0].upsampler.conv is None
     if "norm_elementwise_affine" in overrides:
         assert model.down_blocks[0].resnets[0].transformer.norm1.weight is None
 

@@ -23,6 +23,8 @@ from huggingface_hub import hf_hub_download, parse_hf_uri
 from huggingface_hub.errors import HfUriError
 from safetensors.torch import load_file
 
+from ..models.attention import unfused_projection_items
+
 
 #: Official module or parameter name -> ours. ``{i}`` is a block index; the rest of a key (``.weight``,
 #: ``.bias``) carries over unchanged. The table is a bijection, so it also maps our names back for error messages.
@@ -250,13 +252,17 @@ def _rename_and_check(
     for key, tensor in official_state_dict.items():
         if key == OFFICIAL_POS_EMBED or OFFICIAL_RELATIVE_POSITION_INDEX.fullmatch(key):
             continue
+        # The official fused `qkv` / `qkv_temb` layers become our separate q, k, v projections.
         new_key = official_to_diffusers_key(key)
-        if new_key not in expected:
+        parts = dict(unfused_projection_items(new_key, tensor)) if new_key is not None else {}
+        if not parts or any(part_key not in expected for part_key in parts):
             unknown.append(key)
             continue
-        if tensor.shape != expected[new_key].shape:
-            misshapen.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(expected[new_key].shape)}")
-        converted[new_key] = tensor.contiguous()
+        part_shape = expected[next(iter(parts))].shape
+        expected_shape = (len(parts) * part_shape[0], *part_shape[1:]) if part_shape else part_shape
+        if tensor.shape != expected_shape:
+            misshapen.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(expected_shape)}")
+        converted.update((part_key, part.contiguous()) for part_key, part in parts.items())
     missing = [diffusers_to_official_key(key) or key for key in expected if key not in converted]
 
     problems = []

@@ -2,6 +2,7 @@ from .attention import (
     MASK_CAPABLE_BACKENDS,
     TimeDependentAttnProcessor,
     TimeDependentExplicitAttnProcessor,
+    TimeDependentFlexAttnProcessor,
     TimeDependentSelfAttention,
 )
 from .cache_support import CacheLayout, DiffiTCacheMixin

@@ -8,16 +8,18 @@ Queries, keys and values are linear functions of the spatial tokens *and* of the
 where ``B`` is a learned Swin-style relative position bias. Attention runs inside non-overlapping
 ``window_size x window_size`` windows; a window as large as the token grid gives global attention.
 
-The module follows diffusers' attention interface: ``TimeDependentSelfAttention`` is an
-``AttentionModuleMixin`` whose processor calls ``dispatch_attention_fn``, so ``set_attention_backend``,
-``set_attn_processor`` and ``attn_processors`` work on every model built from it.
+The module follows diffusers' attention interface: ``TimeDependentSelfAttention`` is an ``AttentionModuleMixin``
+that holds the parameters (separate ``to_q``/``to_k``/``to_v`` and ``time_to_q``/``time_to_k``/``time_to_v``
+projections, fusable with ``fuse_qkv_projections()``); its processors compute Eq. 3-6, the default one through
+``dispatch_attention_fn``, so ``set_attention_backend``, ``set_attn_processor`` and ``attn_processors`` work on every
+model built from it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from diffusers.models.attention_dispatch import (
     dispatch_attention_fn,
 )
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 
 #: Attention backends that accept an additive float ``attn_mask``, which carries the relative position bias.
@@ -36,6 +39,7 @@ MASK_CAPABLE_BACKENDS: tuple[AttentionBackendName, ...] = (
     AttentionBackendName._NATIVE_MATH,
     AttentionBackendName._NATIVE_EFFICIENT,
     AttentionBackendName._NATIVE_CUDNN,
+    AttentionBackendName.FLEX,
 )
 
 
@@ -127,18 +131,61 @@ def window_layout(batch_size: int, height: int, width: int, window_size: int, pa
     return WindowLayout(batch_size, height, width, padded_height, padded_width, window_size)
 
 
-class _PositionBiasCache(NamedTuple):
-    """An attention mask built from a snapshot of the bias table, reused while the table still equals the snapshot."""
+def padding_mask(layout: WindowLayout, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask that hides the padded keys of every window: ``0`` on real tokens, ``-inf`` on padding.
 
-    table: torch.Tensor
-    dtype: torch.dtype
-    bias: torch.Tensor
+    Returns:
+        ``(num_windows, 1, 1, w*w)`` for one image; the same for every image of the batch.
+    """
+    real = torch.ones(1, layout.height * layout.width, 1, device=device, dtype=dtype)
+    key_is_real = window_partition(real, replace(layout, batch_size=1))  # (nW, N, 1), 0 on padding
+    return torch.zeros_like(key_is_real).masked_fill_(key_is_real == 0, float("-inf")).view(-1, 1, 1, key_is_real.shape[1])
+
+
+def stacked_linear(layers: tuple[nn.Linear, ...], inputs: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([layer(inputs) for layer in layers], dim=-1)``, computed as one matrix product.
+
+    The layers' weights are stacked per call (a copy small next to the product; gradients reach each layer as
+    usual). Layers that are not plain ``nn.Linear`` modules or that carry hooks (LoRA, quantized or layerwise-cast
+    layers) are called one by one instead, so whatever they add still applies.
+    """
+    if not all(type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers):
+        return torch.cat([layer(inputs) for layer in layers], dim=-1)
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+    return F.linear(inputs, weight, bias)
+
+
+def time_dependent_qkv(
+    attn: "TimeDependentSelfAttention", windows: torch.Tensor, time_token: torch.Tensor, layout: WindowLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 3-5: ``q = x_s W_qs + x_t W_qt`` (and likewise ``k``, ``v``) for every token of every window.
+
+    Args:
+        windows: ``(B * num_windows, w*w, C)`` window tokens (see ``window_partition``).
+        time_token: ``(B, D_t)``.
+
+    Returns:
+        ``query, key, value``, each ``(B * num_windows, w*w, heads, head_dim)``.
+    """
+    # The windows of one image side by side, so that image's time term broadcasts over all its tokens.
+    tokens = windows.view(layout.batch_size, -1, attn.dim)
+    time_token = time_token.unsqueeze(1)
+    if attn.fused_projections:
+        spatial, temporal = attn.to_qkv(tokens), attn.time_to_qkv(time_token)
+    else:
+        spatial = stacked_linear((attn.to_q, attn.to_k, attn.to_v), tokens)  # (B, nW*N, 3C)
+        # One row per image: three small products beat stacking the (3C, D_t) weights.
+        temporal = torch.cat([attn.time_to_q(time_token), attn.time_to_k(time_token), attn.time_to_v(time_token)], -1)
+    # The time term is added in place: a linear layer's output is not needed for its backward.
+    qkv = spatial.add_(temporal).view(layout.batch_size * layout.windows_per_image, -1, 3, attn.heads, attn.head_dim)
+    return qkv.unbind(dim=2)
 
 
 class TimeDependentAttnProcessor:
-    """Default TMSA processor: scaled dot-product attention through ``diffusers``' ``dispatch_attention_fn``.
+    """Default TMSA processor: Eq. 3-6 with scaled dot-product attention through ``dispatch_attention_fn``.
 
-    The relative position bias (and the padding mask, if any) goes in as an additive ``attn_mask``.
+    The relative position bias (plus ``-inf`` on padded keys) goes in as an additive ``attn_mask``.
     """
 
     _attention_backend = None
@@ -152,17 +199,30 @@ class TimeDependentAttnProcessor:
         height: int,
         width: int,
     ) -> torch.Tensor:
-        query, key, value, layout = attn.project_qkv(hidden_states, time_token, height, width)
         check_backend_takes_bias(self._attention_backend or _AttentionBackendRegistry._active_backend)
+        layout = attn.window_layout(hidden_states, time_token, height, width)
+        windows = window_partition(hidden_states, layout)  # (B*nW, N, C)
+
+        query, key, value = time_dependent_qkv(attn, windows, time_token, layout)  # Eq. 3-5
+
+        # Eq. 6's B, one (heads, N, N) bias for every window; padded keys get -inf.
+        attn_mask = attn.relative_position_bias().to(query.dtype).unsqueeze(0)
+        if layout.is_padded:
+            per_window = attn_mask + padding_mask(layout, query.dtype, query.device)  # (nW, heads, N, N)
+            attn_mask = per_window.repeat(layout.batch_size, 1, 1, 1)
+
+        # Eq. 6: softmax(Q K^T / sqrt(d) + B) V
         out = dispatch_attention_fn(
             query,
             key,
             value,
-            attn_mask=attn.attention_bias(layout, query.dtype),
+            attn_mask=attn_mask,
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-        return attn.project_out(out, layout)
+
+        out = attn.to_out(out.flatten(2))
+        return window_merge(out, layout)
 
 
 class TimeDependentExplicitAttnProcessor:
@@ -176,15 +236,122 @@ class TimeDependentExplicitAttnProcessor:
         height: int,
         width: int,
     ) -> torch.Tensor:
-        query, key, value, layout = attn.project_qkv(hidden_states, time_token, height, width)
+        layout = attn.window_layout(hidden_states, time_token, height, width)
+        windows = window_partition(hidden_states, layout)
+        query, key, value = time_dependent_qkv(attn, windows, time_token, layout)  # Eq. 3-5
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B*nW, heads, N, d)
-        scores = query @ key.transpose(-2, -1) * attn.scale + attn.attention_bias(layout, query.dtype)
-        out = scores.softmax(dim=-1) @ value
-        return attn.project_out(out.transpose(1, 2), layout)
+        scores = query @ key.transpose(-2, -1) * attn.scale + attn.relative_position_bias()  # (B*nW, heads, N, N)
+        if layout.is_padded:
+            scores = scores.unflatten(0, (layout.batch_size, -1)) + padding_mask(layout, scores.dtype, scores.device)
+            scores = scores.flatten(0, 1)
+        out = scores.softmax(dim=-1) @ value  # Eq. 6
+        out = attn.to_out(out.transpose(1, 2).flatten(2))
+        return window_merge(out, layout)
+
+
+class TimeDependentFlexAttnProcessor:
+    """TMSA on PyTorch's FlexAttention: the relative position bias as a ``score_mod`` reading the bias table, padded
+    keys removed by a ``block_mask``.
+
+    ``set_attention_backend("flex")`` installs it on every TMSA layer. On CPU, PyTorch's FlexAttention runs forwards
+    only (it has no CPU backward): use it for inference there and train with the default processor.
+    """
+
+    def __call__(
+        self,
+        attn: "TimeDependentSelfAttention",
+        hidden_states: torch.Tensor,
+        time_token: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        self._check_device_supports_backward(attn, hidden_states)
+        layout = attn.window_layout(hidden_states, time_token, height, width)
+        windows = window_partition(hidden_states, layout)
+        query, key, value = time_dependent_qkv(attn, windows, time_token, layout)  # Eq. 3-5
+
+        table, index = attn.relative_position_bias_table, attn.relative_position_index
+
+        def relative_position_score(score, batch, head, query_index, key_index):  # Eq. 6: Q K^T / sqrt(d) + B
+            return score + table[index[query_index, key_index], head].to(score.dtype)
+
+        block_mask = None
+        if layout.is_padded:
+            key_is_real = padding_mask(layout, torch.float32, query.device).view(layout.windows_per_image, -1) == 0
+
+            def real_keys(batch, head, query_index, key_index):
+                return key_is_real[batch % layout.windows_per_image, key_index]
+
+            tokens = query.shape[1]
+            block_mask = create_block_mask(real_keys, query.shape[0], None, tokens, tokens, device=query.device)
+
+        out = flex_attention(
+            *(t.transpose(1, 2) for t in (query, key, value)),
+            score_mod=relative_position_score,
+            block_mask=block_mask,
+            scale=attn.scale,
+        )
+        out = attn.to_out(out.transpose(1, 2).flatten(2))
+        return window_merge(out, layout)
+
+    def _check_device_supports_backward(self, attn: "TimeDependentSelfAttention", hidden_states: torch.Tensor) -> None:
+        """Raise a ``ValueError`` for a CPU forward that records gradients, which FlexAttention cannot back-propagate."""
+        needs_grad = hidden_states.requires_grad or any(p.requires_grad for p in attn.parameters())
+        if hidden_states.device.type == "cpu" and torch.is_grad_enabled() and needs_grad:
+            raise ValueError(
+                "PyTorch's FlexAttention has no backward on CPU. Run CPU forwards under `torch.no_grad()` (or with "
+                "parameters that do not require grad), or train on CPU with the default attention backend "
+                "(`set_attention_backend('native')`)."
+            )
+
+
+#: The fused projection of each group and the separate projections it stacks (in this order along its outputs).
+FUSED_PROJECTIONS = {
+    "to_qkv": ("to_q", "to_k", "to_v"),
+    "time_to_qkv": ("time_to_q", "time_to_k", "time_to_v"),
+}
+
+
+def unfused_projection_items(key: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Split a state-dict entry of a fused ``to_qkv`` / ``time_to_qkv`` layer into its three projections' entries
+    (``...to_qkv.weight`` -> ``...to_q.weight``, ``...to_k.weight``, ``...to_v.weight``); yield other entries as
+    they are."""
+    module_path, _, parameter = key.rpartition(".")
+    parent, _, name = module_path.rpartition(".")
+    if name not in FUSED_PROJECTIONS:
+        yield key, tensor
+        return
+    for part, chunk in zip(FUSED_PROJECTIONS[name], tensor.chunk(3)):
+        yield ".".join(filter(None, (parent, part, parameter))), chunk
+
+
+def match_projection_keys(state_dict: dict[str, torch.Tensor], prefix: str, fused: bool) -> None:
+    """Make one TMSA layer's entries of ``state_dict`` (keys starting with ``prefix``) fit the layer, in place.
+
+    Checkpoints saved before the projections were separate hold only ``to_qkv`` / ``time_to_qkv``: they are split.
+    A fused layer (``fuse_qkv_projections()``) also gets the stacked entries when the checkpoint has only the
+    separate ones; an unfused layer drops stacked entries.
+    """
+    for fused_name, parts in FUSED_PROJECTIONS.items():
+        for parameter in ("weight", "bias"):
+            fused_key = f"{prefix}{fused_name}.{parameter}"
+            part_keys = [f"{prefix}{part}.{parameter}" for part in parts]
+            if fused_key in state_dict and part_keys[0] not in state_dict:
+                state_dict.update(unfused_projection_items(fused_key, state_dict[fused_key]))
+            if not fused:
+                state_dict.pop(fused_key, None)
+            elif fused_key not in state_dict and all(key in state_dict for key in part_keys):
+                state_dict[fused_key] = torch.cat([state_dict[key] for key in part_keys])
 
 
 class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
     """Time-dependent multi-head self-attention (TMSA) over windows of a 2D token grid.
+
+    Holds the parameters of Eq. 3-6: the spatial projections ``to_q``, ``to_k``, ``to_v`` (``W_qs``, ``W_ks``,
+    ``W_vs``), the time-token projections ``time_to_q``, ``time_to_k``, ``time_to_v`` (``W_qt``, ``W_kt``,
+    ``W_vt``), the output projection ``to_out`` and the relative position bias table. The processor computes the
+    attention. ``fuse_qkv_projections()`` on the model adds the stacked ``to_qkv`` and ``time_to_qkv`` projections
+    (one matrix product each) and ``unfuse_qkv_projections()`` removes them, as for diffusers' attention layers.
 
     Args:
         dim: token width ``C``.
@@ -199,8 +366,8 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
     """
 
     _default_processor_cls = TimeDependentAttnProcessor
-    _available_processors = [TimeDependentAttnProcessor, TimeDependentExplicitAttnProcessor]
-    _supports_qkv_fusion = False
+    _available_processors = [TimeDependentAttnProcessor, TimeDependentExplicitAttnProcessor, TimeDependentFlexAttnProcessor]
+    _supports_qkv_fusion = True
 
     def __init__(
         self,
@@ -219,19 +386,24 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         if window_size < 1:
             raise ValueError(f"`window_size` must be a positive integer, got {window_size}.")
         self.dim = dim
+        self.time_embed_dim = time_embed_dim
         self.heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.window_size = window_size
         self.pad_to_window = pad_to_window
+        self.use_bias = bias
 
-        self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.time_to_qkv = nn.Linear(time_embed_dim, 3 * dim, bias=bias)
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(dim, dim, bias=bias)
+        self.to_v = nn.Linear(dim, dim, bias=bias)
+        self.time_to_q = nn.Linear(time_embed_dim, dim, bias=bias)
+        self.time_to_k = nn.Linear(time_embed_dim, dim, bias=bias)
+        self.time_to_v = nn.Linear(time_embed_dim, dim, bias=bias)
         self.to_out = nn.Linear(dim, dim, bias=out_bias)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
-        self._position_bias_cache: _PositionBiasCache | None = None
 
         self.set_processor(processor if processor is not None else self._default_processor_cls())
 
@@ -244,65 +416,14 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         table = self.relative_position_bias_table.t()  # (heads, (2w-1)^2)
         return table[:, self.relative_position_index.view(-1)].view(self.heads, n, n)
 
-    def _can_cache_position_bias(self) -> bool:
-        """Whether ``attention_bias`` may reuse a cached bias: inference on CPU, for a bias no larger than ``to_qkv``.
-
-        Training and any forward that records gradients rebuild the bias so that gradients reach the table; under
-        ``torch.compile`` the compiler handles the gather itself. The cache is CPU-only because checking that the
-        table is unchanged reads it back, which on an accelerator would stall the stream to save a microsecond gather.
-        The bias may be at most as large as the ``to_qkv`` weight, so caching adds at most a fifth to a block's memory
-        (large global windows such as DiffiT-XL/2-512's 32x32 token grid rebuild it every forward instead).
-        """
-        if torch.compiler.is_compiling() or self.training or torch.is_grad_enabled():
-            return False
-        table = self.relative_position_bias_table
-        bias_numel = self.heads * self.relative_position_index.numel()
-        return table.device.type == "cpu" and bias_numel <= self.to_qkv.weight.numel()
-
-    def _position_bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """``relative_position_bias()`` as a ``(1, heads, N, N)`` mask in ``dtype``, cached where allowed.
-
-        The cache holds a copy of the table it was built from and is used only while the table still equals that copy,
-        so any change of the weights (``load_state_dict``, optimiser steps, writes through ``.data`` as in EMA swaps,
-        ``.to()``) rebuilds the bias.
-        """
-        if not self._can_cache_position_bias():
-            return self.relative_position_bias().to(dtype).unsqueeze(0)
-        table, cache = self.relative_position_bias_table, self._position_bias_cache
-        if cache is not None and cache.dtype == dtype and cache.table.dtype == table.dtype and torch.equal(
-            cache.table, table
-        ):
-            return cache.bias
-        bias = self.relative_position_bias().to(dtype).unsqueeze(0)
-        self._position_bias_cache = _PositionBiasCache(table.detach().clone(), dtype, bias)
-        return bias
-
-    def attention_bias(self, layout: WindowLayout, dtype: torch.dtype) -> torch.Tensor:
-        """Additive attention mask: the position bias, plus ``-inf`` on padded keys when the grid was padded.
-
-        Returns:
-            ``(1, heads, N, N)`` without padding, else ``(B * num_windows, heads, N, N)``.
-        """
-        bias = self._position_bias(dtype)
-        if not layout.is_padded:
-            return bias
-        valid = torch.ones(1, layout.height * layout.width, 1, device=bias.device)
-        key_is_real = window_partition(valid, replace(layout, batch_size=1))  # (nW, N, 1)
-        pad_mask = torch.zeros_like(key_is_real, dtype=dtype).masked_fill(key_is_real == 0, float("-inf"))
-        mask = bias + pad_mask.transpose(1, 2).unsqueeze(1)  # (nW, heads, N, N)
-        return mask.repeat(layout.batch_size, 1, 1, 1)
-
-    def project_qkv(
+    def window_layout(
         self, hidden_states: torch.Tensor, time_token: torch.Tensor, height: int, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, WindowLayout]:
-        """Eq. 3-5: per-window queries, keys and values from spatial tokens plus the time token.
+    ) -> WindowLayout:
+        """Check the inputs of a forward and plan its windows.
 
         Args:
-            hidden_states: ``(B, H*W, C)``.
+            hidden_states: ``(B, H*W, C)`` tokens of a ``height x width`` grid.
             time_token: ``(B, D_t)``.
-
-        Returns:
-            ``query, key, value`` of shape ``(B * num_windows, w*w, heads, head_dim)`` and the window layout.
         """
         batch_size, num_tokens, channels = hidden_states.shape
         if num_tokens != height * width:
@@ -311,24 +432,42 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
             )
         if channels != self.dim:
             raise ValueError(f"Expected tokens of width {self.dim}, received {channels}.")
-        if time_token.shape != (batch_size, self.time_to_qkv.in_features):
+        if time_token.shape != (batch_size, self.time_embed_dim):
             raise ValueError(
-                f"Expected `time_token` of shape ({batch_size}, {self.time_to_qkv.in_features}), "
+                f"Expected `time_token` of shape ({batch_size}, {self.time_embed_dim}), "
                 f"received {tuple(time_token.shape)}."
             )
-        layout = window_layout(batch_size, height, width, self.window_size, self.pad_to_window)
-        windows = window_partition(hidden_states, layout)
-        # The time term is shared by all tokens of an image: add it in place rather than making a second full tensor.
-        qkv = self.to_qkv(windows.view(batch_size, -1, channels))
-        qkv = qkv.add_(self.time_to_qkv(time_token).unsqueeze(1))
-        qkv = qkv.view(batch_size * layout.windows_per_image, -1, 3, self.heads, self.head_dim)
-        query, key, value = qkv.unbind(dim=2)
-        return query, key, value, layout
+        return window_layout(batch_size, height, width, self.window_size, self.pad_to_window)
 
-    def project_out(self, attention_output: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-        """Merge heads and windows and apply the output projection: ``(B*nW, N, heads, d)`` -> ``(B, H*W, C)``."""
-        out = self.to_out(attention_output.flatten(2))
-        return window_merge(out, layout)
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Add ``to_qkv`` and ``time_to_qkv``, the stacked spatial and time projections, and use them."""
+        if self.fused_projections:
+            return
+        for fused, parts in FUSED_PROJECTIONS.items():
+            layers = [getattr(self, part) for part in parts]
+            stacked = nn.Linear(
+                layers[0].in_features, 3 * self.dim, bias=self.use_bias, device=layers[0].weight.device,
+                dtype=layers[0].weight.dtype,
+            )
+            stacked.weight.copy_(torch.cat([layer.weight for layer in layers]))
+            if self.use_bias:
+                stacked.bias.copy_(torch.cat([layer.bias for layer in layers]))
+            setattr(self, fused, stacked)
+        self.fused_projections = True
+
+    @torch.no_grad()
+    def unfuse_projections(self) -> None:
+        """Remove ``to_qkv`` and ``time_to_qkv``; the separate projections are used again."""
+        if not self.fused_projections:
+            return
+        for fused in FUSED_PROJECTIONS:
+            delattr(self, fused)
+        self.fused_projections = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        match_projection_keys(state_dict, prefix, fused=self.fused_projections)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor, time_token: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Apply TMSA to ``hidden_states`` ``(B, H*W, C)`` with ``time_token`` ``(B, D_t)``; returns ``(B, H*W, C)``."""
@@ -336,12 +475,39 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
 
 
 class DiffiTAttentionMixin(AttentionMixin):
-    """``attn_processors``, ``set_attn_processor`` and a bias-aware ``set_attention_backend`` for DiffiT models.
+    """``attn_processors``, ``set_attn_processor``, ``fuse_qkv_projections`` and a bias-aware
+    ``set_attention_backend`` for DiffiT models, and the loading of checkpoints saved with fused projections.
 
-    List it before ``ModelMixin`` in the bases so its ``set_attention_backend`` runs first.
+    List it before ``ModelMixin`` in the bases so its methods run first.
     """
 
     def set_attention_backend(self, backend: str) -> None:
-        """Route every TMSA layer through ``backend``; it must take an additive mask (see ``MASK_CAPABLE_BACKENDS``)."""
+        """Route every TMSA layer through ``backend``; it must take an additive mask (see ``MASK_CAPABLE_BACKENDS``).
+
+        ``"flex"`` installs ``TimeDependentFlexAttnProcessor`` (bias as ``score_mod``, padding as ``block_mask``) on
+        this model's layers only, leaving diffusers' process-wide active backend alone; any other backend puts the
+        default processor back and is set the diffusers way.
+        """
         check_backend_takes_bias(backend)
+        if AttentionBackendName(str(backend).lower()) == AttentionBackendName.FLEX:
+            self._replace_processors(TimeDependentAttnProcessor, TimeDependentFlexAttnProcessor)
+            return
+        self._replace_processors(TimeDependentFlexAttnProcessor, TimeDependentAttnProcessor)
         super().set_attention_backend(backend)
+
+    def reset_attention_backend(self) -> None:
+        """Back to the default processor and diffusers' default backend on every TMSA layer."""
+        self._replace_processors(TimeDependentFlexAttnProcessor, TimeDependentAttnProcessor)
+        super().reset_attention_backend()
+
+    def _replace_processors(self, old_cls: type, new_cls: type) -> None:
+        for module in self.modules():
+            if isinstance(module, TimeDependentSelfAttention) and type(module.processor) is old_cls:
+                module.set_processor(new_cls())
+
+    def _fix_state_dict_keys_on_load(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """``from_pretrained``'s key fix-up: split the fused ``to_qkv`` / ``time_to_qkv`` weights of older folders."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        for name, module in self.named_modules():
+            if isinstance(module, TimeDependentSelfAttention):
+                match_projection_keys(state_dict, f"{name}.", fused=module.fused_projections)

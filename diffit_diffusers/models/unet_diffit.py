@@ -7,7 +7,8 @@ Where each part of the paper lives:
 - DiffiT ResBlock, Eq. 9-10: ``DiffiTResBlock``.
 - Time token (sinusoid -> SiLU MLP, plus optional label embedding):
   ``DiffiTTimeEmbedding``.
-- Down/upsampling: :mod:`diffit_diffusers.models.resampling`.
+- Down/upsampling ("convolutional" in the paper): diffusers' ``Downsample2D`` (stride-2 ``Conv3x3``) and
+  ``Upsample2D`` (nearest x2, then ``Conv3x3``).
 - The U-shaped encoder/bottleneck/decoder with skip connections: ``DiffiTUNet2DModel`` below.
 """
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.downsampling import Downsample2D
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from ..presets import PresetMixin
@@ -26,7 +29,6 @@ from .cache_support import CacheLayout, DiffiTCacheMixin
 from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
-from .resampling import Downsample2x, Upsample2x
 from .resblock import DiffiTResBlock
 
 
@@ -52,12 +54,12 @@ class DiffiTResBlockStack(nn.Module):
 
 
 class DiffiTDownBlock2D(DiffiTResBlockStack):
-    """One encoder stage: ResBlocks at one resolution, then an optional ``Downsample2x``.
+    """One encoder stage: ResBlocks at one resolution, then an optional ``Downsample2D``.
 
     Every ResBlock output and the downsampled map are returned as skip connections.
     """
 
-    def __init__(self, resnets: list[DiffiTResBlock], downsampler: Downsample2x | None):
+    def __init__(self, resnets: list[DiffiTResBlock], downsampler: Downsample2D | None):
         super().__init__(resnets)
         self.downsampler = downsampler
 
@@ -107,9 +109,9 @@ class SkipMerge(nn.Module):
 
 
 class DiffiTUpBlock2D(DiffiTResBlockStack):
-    """One decoder stage: ResBlocks that each take one encoder skip, then an optional ``Upsample2x``."""
+    """One decoder stage: ResBlocks that each take one encoder skip, then an optional ``Upsample2D``."""
 
-    def __init__(self, resnets: list[DiffiTResBlock], skip_merges: list[SkipMerge], upsampler: Upsample2x | None):
+    def __init__(self, resnets: list[DiffiTResBlock], skip_merges: list[SkipMerge], upsampler: Upsample2D | None):
         super().__init__(resnets)
         self.skip_merges = nn.ModuleList(skip_merges)
         self.upsampler = upsampler
@@ -334,7 +336,10 @@ class DiffiTUNet2DModel(
         for stage, width in enumerate(block_out_channels):
             is_lowest = stage == num_stages - 1
             resnets = [resblock(channels if i == 0 else width, width, windows[stage]) for i in range(layers[stage])]
-            downsampler = None if is_lowest else Downsample2x(width, use_conv=downsample_type == "conv")
+            # name="op" keeps the convolution once, as `conv` (diffusers' default name also aliases it `Conv2d_0`).
+            downsampler = (
+                None if is_lowest else Downsample2D(width, use_conv=downsample_type == "conv", padding=1, name="op")
+            )
             self.down_blocks.append(DiffiTDownBlock2D(resnets, downsampler))
             channels = width
             skip_channels += [width] * (layers[stage] + (0 if is_lowest else 1))
@@ -349,7 +354,7 @@ class DiffiTUNet2DModel(
                 skip_merges.append(SkipMerge(channels, skip_channels.pop(), skip_connection_type))
                 resnets.append(resblock(skip_merges[-1].out_channels, width, windows[stage]))
                 channels = width
-            upsampler = Upsample2x(width, use_conv=upsample_type == "conv") if stage > 0 else None
+            upsampler = Upsample2D(width, use_conv=upsample_type == "conv") if stage > 0 else None
             self.up_blocks.append(DiffiTUpBlock2D(resnets, skip_merges, upsampler))
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=norm_eps)

@@ -1,0 +1,197 @@
+"""Training-step speed and memory of DiffiT models against the diffusers peers of equal width and depth.
+
+One training step is forward, MSE loss against a fixed noise target, backward and an AdamW step (float32, eager).
+Pairs (``--pairs``):
+
+- ``tiny_16``, ``tiny_28``: the ``tiny`` DiffiT U-Net (0.63M) against a ``UNet2DModel`` of 0.70M (widths 32/64,
+  attention at the second stage, 11 class embeddings), class-conditional, on 16x16 and 28x28 grayscale images.
+- ``cifar10_32``: the ``cifar10-32`` DiffiT U-Net against ``UNet2DModel`` in the DDPM CIFAR-10 layout (as in
+  ``bench_models.py``).
+- ``latent_s2``, ``latent_b2``: DiffiT-S/2 and DiffiT-B/2 against diffusers' ``DiTTransformer2DModel`` with the same
+  width, depth, heads and patch size, on 32x32 latents, 1000 classes.
+
+For every model: the median step time over interleaved rounds (see ``harness.py``), the peak working memory of one
+step (activations, saved tensors, gradients, optimiser temporaries on top of weights, inputs and AdamW state), and a
+profile of one step's op time by operator kind (forward and backward together). Ratios are DiffiT / peer.
+
+    python benchmarks/bench_training.py --output benchmarks/results/cpu-training.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import torch
+from bench_models import (
+    ModelCase,
+    RunSettings,
+    count_parameters,
+    latent_comparison,
+    summarize_profile,
+    training_step_fn,
+    unet_comparison,
+)
+from diffusers import UNet2DModel
+from harness import interleaved_median_seconds, machine_info, peak_memory_mib, write_report
+from torch.profiler import profile
+
+from diffit_diffusers import DiffiTUNet2DModel
+
+
+#: ``UNet2DModel`` at the ``tiny`` preset's widths, depth and attention resolution (0.70M parameters).
+TINY_PEER_UNET_CONFIG = dict(
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=32,
+    norm_num_groups=8,
+    num_class_embeds=11,
+)
+
+#: Operator kinds of the step profile. An op's self time goes to the first kind whose pattern occurs in its name,
+#: else in its parents' names (nearest first); backward ops are matched through their autograd node names.
+PROFILE_KINDS = {
+    "attention (SDPA forward and backward)": ("scaled_dot_product", "softmax", "SoftmaxBackward"),
+    "relative position bias gather and its backward": ("aten::index", "IndexBackward", "index_put"),
+    "padding masks": ("masked_fill", "aten::repeat", "RepeatBackward"),
+    "window partition/merge and layout copies": (
+        "aten::reshape",
+        "aten::contiguous",
+        "aten::clone",
+        "constant_pad_nd",
+        "CloneBackward",
+        "ConstantPadNdBackward",
+        "UnsafeViewBackward",
+        "ViewBackward",
+        "ReshapeAliasBackward",
+        "TransposeBackward",
+        "PermuteBackward",
+        "SliceBackward",
+        "UnbindBackward",
+        "StackBackward",
+    ),
+    "convolutions": ("convolution", "Convolution"),
+    "linear layers": ("addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "AddmmBackward", "MmBackward"),
+    "norms": ("group_norm", "layer_norm", "GroupNormBackward", "LayerNormBackward"),
+    "activations": ("gelu", "silu", "GeluBackward", "SiluBackward"),
+    "optimizer (AdamW)": ("Optimizer.step", "_foreach", "adamw"),
+}
+PROFILE_OTHER_KIND = "other (elementwise, concatenation, resampling, embeddings, loss)"
+
+
+def tiny_comparison(device: torch.device, batch_size: int, size: int) -> dict[str, ModelCase]:
+    torch.manual_seed(0)
+    diffit = DiffiTUNet2DModel.from_preset("tiny").to(device)
+    peer = UNet2DModel(sample_size=size, **TINY_PEER_UNET_CONFIG).to(device)
+    inputs = {
+        "sample": torch.randn(batch_size, 1, size, size, device=device),
+        "timestep": torch.randint(0, 1000, (batch_size,), device=device),
+        "class_labels": torch.randint(0, 10, (batch_size,), device=device),
+    }
+    return {f"diffit_tiny_{size}": ModelCase(diffit, inputs, "sample", 1), f"unet2d_tiny_{size}": ModelCase(peer, inputs, "sample", 1)}
+
+
+def pair_cases(name: str, device: torch.device, batch_size: int) -> dict[str, ModelCase]:
+    if name.startswith("tiny_"):
+        return tiny_comparison(device, batch_size, int(name.removeprefix("tiny_")))
+    if name == "cifar10_32":
+        return unet_comparison(device, batch_size).cases
+    return latent_comparison(name.removeprefix("latent_")[0].upper(), device, batch_size).cases
+
+
+PAIRS = ("tiny_16", "tiny_28", "cifar10_32", "latent_s2", "latent_b2")
+DEFAULT_BATCH_SIZES = {"tiny_16": 32, "tiny_28": 32, "cifar10_32": 8, "latent_s2": 8, "latent_b2": 4}
+
+
+def profile_step(step) -> dict[str, Any]:
+    """Share of one training step's op time (forward, backward and optimiser) per operator kind."""
+    with profile() as prof:
+        step()
+    return summarize_profile(prof, PROFILE_KINDS, PROFILE_OTHER_KIND)
+
+
+def run_pair(name: str, batch_size: int, settings: RunSettings, profile_models: bool) -> dict[str, Any]:
+    cases = pair_cases(name, settings.device, batch_size)
+    for case in cases.values():
+        case.model.train()
+    steps = {model: training_step_fn(case.model, case, settings) for model, case in cases.items()}
+    seconds = interleaved_median_seconds(steps, settings.training_repeats, settings.device)
+    rows = {}
+    for model, case in cases.items():
+        rows[model] = {
+            "class": type(case.model).__name__,
+            "parameters": count_parameters(case.model),
+            "training_step_ms_median": seconds[model] * 1e3,
+            "peak_memory_training_mib": peak_memory_mib(steps[model], settings.device),
+        }
+        if profile_models:
+            rows[model]["profile"] = profile_step(steps[model])
+    diffit, peer = list(rows)
+    return {
+        "input_shape": list(next(iter(cases.values())).inputs["sample" if name[0] in "tc" else "hidden_states"].shape),
+        "models": rows,
+        "diffit_over_peer": {
+            "training_speed": rows[peer]["training_step_ms_median"] / rows[diffit]["training_step_ms_median"],
+            "peak_memory_training": rows[diffit]["peak_memory_training_mib"] / rows[peer]["peak_memory_training_mib"],
+            "parameters": rows[diffit]["parameters"] / rows[peer]["parameters"],
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", nargs="+", choices=PAIRS, default=list(PAIRS))
+    parser.add_argument("--batch_size", type=int, help="images per step for every pair (default: per pair)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved training-step rounds (default: 5)")
+    parser.add_argument("--no_profile", action="store_true", help="skip the per-operator profiles")
+    parser.add_argument("--output", help="also write the JSON report to this file")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--repeats and --batch_size must be positive integers.")
+    device = torch.device("cpu")
+    settings = RunSettings(device, torch.float32, None, repeats=1, training_repeats=args.repeats, sampling_steps=1)
+    report: dict[str, Any] = {
+        "benchmark": "training",
+        "machine": machine_info(device),
+        "settings": {
+            "device": "cpu",
+            "dtype": "float32",
+            "repeats": args.repeats,
+            "timing": "medians over interleaved rounds of forward + MSE + backward + AdamW",
+        },
+        "pairs": {},
+    }
+    for name in args.pairs:
+        batch_size = args.batch_size or DEFAULT_BATCH_SIZES[name]
+        print(f"{name} (batch {batch_size})", file=sys.stderr)
+        report["pairs"][name] = {"batch_size": batch_size, **run_pair(name, batch_size, settings, not args.no_profile)}
+    report["targets"] = [
+        target
+        for name, result in report["pairs"].items()
+        for target in (
+            {"target": f"{name}: DiffiT training speed / peer's", "value": result["diffit_over_peer"]["training_speed"],
+             "relation": ">=", "limit": 1.0},
+            *(
+                [{"target": f"{name}: DiffiT training memory / UNet2DModel's",
+                  "value": result["diffit_over_peer"]["peak_memory_training"], "relation": "<=", "limit": 1.3}]
+                if not name.startswith("latent") else []
+            ),
+        )
+    ]
+    for row in report["targets"]:
+        row["met"] = row["value"] >= row["limit"] if row["relation"] == ">=" else row["value"] <= row["limit"]
+    report["machine"]["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    write_report(report, args.output)
+    for row in report["targets"]:
+        print(f"{row['target']} {row['relation']} {row['limit']}: {row['value']:.3f} met={row['met']}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
