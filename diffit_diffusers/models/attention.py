@@ -142,6 +142,17 @@ def padding_mask(layout: WindowLayout, dtype: torch.dtype, device: torch.device)
     return torch.zeros_like(key_is_real).masked_fill_(key_is_real == 0, float("-inf")).view(-1, 1, 1, key_is_real.shape[1])
 
 
+def _is_plain_linear(layer: nn.Module) -> bool:
+    """An ``nn.Linear`` with ordinary weights and nothing wrapped around its forward: no torch hooks, no diffusers
+    hooks (layerwise casting, offloading), no tensor-subclass weights (torchao quantization)."""
+    return (
+        type(layer) is nn.Linear
+        and not (layer._forward_hooks or layer._forward_pre_hooks)
+        and not hasattr(layer, "_diffusers_hook")
+        and type(layer.weight) is nn.Parameter
+    )
+
+
 def stacked_linear(layers: tuple[nn.Linear, ...], inputs: torch.Tensor) -> torch.Tensor:
     """``torch.cat([layer(inputs) for layer in layers], dim=-1)``, computed as one matrix product.
 
@@ -149,7 +160,7 @@ def stacked_linear(layers: tuple[nn.Linear, ...], inputs: torch.Tensor) -> torch
     usual). Layers that are not plain ``nn.Linear`` modules or that carry hooks (LoRA, quantized or layerwise-cast
     layers) are called one by one instead, so whatever they add still applies.
     """
-    if not all(type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers):
+    if not all(_is_plain_linear(layer) for layer in layers):
         return torch.cat([layer(inputs) for layer in layers], dim=-1)
     weight = torch.cat([layer.weight for layer in layers])
     bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
