@@ -26,7 +26,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from ..dataset_sources import center_crop_box, open_dataset, resize_shorter_side
-from ..utils import seeded_generator as _derive_generator
+from ..utils import seeded_generator
 
 
 logger = logging.getLogger(__name__)
@@ -408,7 +408,7 @@ class ImageDataset(_ImageExamples, torch.utils.data.Dataset):
             candidate = (index + offset) % len(self)
             if candidate in self._unreadable_indices:
                 continue
-            generator = _derive_generator(self.seed, epoch, candidate)
+            generator = seeded_generator(self.seed, epoch, candidate)
             example = self._make_example(self.hf_dataset[candidate], generator, f"row {candidate}")
             if example is not None:
                 return example
@@ -517,11 +517,11 @@ class StreamingImageDataset(_ImageExamples, torch.utils.data.IterableDataset):
             next_block_start_state = stream.state_dict()
             block_index = self._block_index
             order = torch.randperm(
-                len(block), generator=_derive_generator(self.seed, *key, epoch, block_index)
+                len(block), generator=seeded_generator(self.seed, *key, epoch, block_index)
             ).tolist()
             for position in range(self._block_offset, len(block)):
                 self._block_offset = position + 1
-                generator = _derive_generator(self.seed, *key, epoch, block_index, position)
+                generator = seeded_generator(self.seed, *key, epoch, block_index, position)
                 where = f"example {position} of block {block_index} (epoch {epoch}, process {self.process_index})"
                 example = self._make_example(block[order[position]], generator, where)
                 if example is not None:
@@ -641,7 +641,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def indices(self, epoch: int) -> list[int]:
         """This process's share of the permutation of `epoch`."""
-        permutation = torch.randperm(self.num_examples, generator=_derive_generator(self.seed, epoch))
+        permutation = torch.randperm(self.num_examples, generator=seeded_generator(self.seed, epoch))
         return permutation[self.process_index :: self.num_processes].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
