@@ -1,10 +1,15 @@
-"""The fast paths: the one-gather position bias, the in-place time term, layouts that keep the
+"""The fast paths: the one-gather position bias, the time term, activation recomputation, layouts that keep the
 transformer blocks free of copies, torch.compile(fullgraph=True) and mixed precision."""
+
+import contextlib
 
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from diffit_diffusers import (
     DiffiTPipeline,
@@ -68,11 +73,11 @@ def test_bias_is_gathered_contiguous_per_head():
         torch.testing.assert_close(bias[head], table[index, head], rtol=0, atol=0)
 
 
-# --- Time term added in place ----------------------------------------------------------------------------------------
+# --- Time term -------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-def test_in_place_time_term_keeps_gradients_exact(fused):
+def test_time_term_gradients_are_exact(fused):
     attn = attention(window_size=2)
     attn.train()
     if fused:
@@ -88,6 +93,105 @@ def test_in_place_time_term_keeps_gradients_exact(fused):
     torch.testing.assert_close(x.grad, spatial.expand(2, 16, 16))
     # Each image's time token reaches all 16 of its tokens.
     torch.testing.assert_close(t.grad, 16 * temporal.expand(2, 8))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_time_term_is_the_same_with_and_without_gradients(fused):
+    attn = attention(window_size=2)
+    if fused:
+        attn.fuse_projections()
+    x, t = torch.randn(2, 16, 16), torch.randn(2, 8)
+    layout = attn.window_layout(x, t, 4, 4)
+    windows = window_partition(x, layout)
+    with torch.no_grad():  # the time term is added in place here
+        expected = time_dependent_qkv(attn, windows, t, layout)
+    for recorded, reference in zip(time_dependent_qkv(attn, windows, t, layout), expected):
+        torch.testing.assert_close(recorded, reference, rtol=0, atol=0)
+
+
+# --- Activation recomputation ----------------------------------------------------------------------------------------
+
+
+def training_step_results(model, inputs, seed=3):
+    """Output and every parameter gradient of one forward/backward in train mode (dropout seeded)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    output = model(*inputs).sample
+    weights = torch.linspace(-1, 1, output.numel()).view_as(output)
+    (output * weights).sum().backward()
+    return output.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def dropout_latent_model():
+    return latent_model(dropout=0.2)
+
+
+@pytest.mark.parametrize(
+    "build, inputs",
+    [(latent_model, latent_inputs), (dropout_latent_model, latent_inputs), (unet_model, unet_inputs)],
+    ids=["latent", "latent-dropout", "unet"],
+)
+@pytest.mark.parametrize("saved_tensors", ["kept", "gradient-checkpointing", "save-on-cpu"])
+def test_activation_recomputation_gives_identical_outputs_and_gradients(build, inputs, saved_tensors):
+    """Also when gradient checkpointing or CPU offloading of saved tensors manage them (recomputation steps aside)."""
+    model = build()
+    if saved_tensors == "gradient-checkpointing":
+        model.enable_gradient_checkpointing()
+    context = torch.autograd.graph.save_on_cpu if saved_tensors == "save-on-cpu" else contextlib.nullcontext
+    model.disable_activation_recomputation()
+    with context():
+        expected_output, expected_grads = training_step_results(model, inputs())
+    model.enable_activation_recomputation()
+    with context():
+        output, grads = training_step_results(model, inputs())
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    assert grads.keys() == expected_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
+
+
+class TrackTraining(TorchDispatchMode):
+    """Records the storage every op creates, and counts convolution and matrix-product kernels."""
+
+    MATRIX_PRODUCTS = {"convolution", "addmm", "mm", "bmm", "baddbmm"}
+
+    def __init__(self):
+        super().__init__()
+        self.created: list[tuple[StorageWeakRef, int]] = []
+        self.matrix_products = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.matrix_products += func.overloadpacket.__name__ in self.MATRIX_PRODUCTS
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.created.append((StorageWeakRef(leaf.untyped_storage()), leaf.untyped_storage().nbytes()))
+        return out
+
+    def live_bytes(self) -> int:
+        alive = {ref.cdata: nbytes for ref, nbytes in self.created if not ref.expired()}
+        return sum(alive.values())
+
+
+@pytest.mark.parametrize("build, inputs", [(latent_model, latent_inputs), (unet_model, unet_inputs)], ids=["latent", "unet"])
+def test_activation_recomputation_keeps_less_and_never_reruns_a_matrix_product(build, inputs):
+    def kept_bytes_and_products(model):
+        """Bytes the autograd graph holds after the forward, and matrix products run by forward and backward."""
+        model.train()
+        with TrackTraining() as tracker:
+            loss = model(*inputs()).sample.square().mean()
+            kept = tracker.live_bytes()
+            loss.backward()
+        return kept, tracker.matrix_products
+
+    model = build()
+    model.disable_activation_recomputation()
+    kept_bytes, kept_products = kept_bytes_and_products(model)
+    model.enable_activation_recomputation()
+    recomputed_bytes, recomputed_products = kept_bytes_and_products(model)
+    assert recomputed_products == kept_products
+    assert recomputed_bytes < 0.9 * kept_bytes
 
 
 # --- Layouts ---------------------------------------------------------------------------------------------------------

@@ -142,31 +142,6 @@ def padding_mask(layout: WindowLayout, dtype: torch.dtype, device: torch.device)
     return torch.zeros_like(key_is_real).masked_fill_(key_is_real == 0, float("-inf")).view(-1, 1, 1, key_is_real.shape[1])
 
 
-def _is_plain_linear(layer: nn.Module) -> bool:
-    """An ``nn.Linear`` with ordinary weights and nothing wrapped around its forward: no torch hooks, no diffusers
-    hooks (layerwise casting, offloading), no tensor-subclass weights (torchao quantization)."""
-    return (
-        type(layer) is nn.Linear
-        and not (layer._forward_hooks or layer._forward_pre_hooks)
-        and not hasattr(layer, "_diffusers_hook")
-        and type(layer.weight) is nn.Parameter
-    )
-
-
-def stacked_linear(layers: tuple[nn.Linear, ...], inputs: torch.Tensor) -> torch.Tensor:
-    """``torch.cat([layer(inputs) for layer in layers], dim=-1)``, computed as one matrix product.
-
-    The layers' weights are stacked per call (a copy small next to the product; gradients reach each layer as
-    usual). Layers that are not plain ``nn.Linear`` modules or that carry hooks (LoRA, quantized or layerwise-cast
-    layers) are called one by one instead, so whatever they add still applies.
-    """
-    if not all(_is_plain_linear(layer) for layer in layers):
-        return torch.cat([layer(inputs) for layer in layers], dim=-1)
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-    return F.linear(inputs, weight, bias)
-
-
 def time_dependent_qkv(
     attn: "TimeDependentSelfAttention", windows: torch.Tensor, time_token: torch.Tensor, layout: WindowLayout
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,15 +157,30 @@ def time_dependent_qkv(
     # The windows of one image side by side, so that image's time term broadcasts over all its tokens.
     tokens = windows.view(layout.batch_size, -1, attn.dim)
     time_token = time_token.unsqueeze(1)
+    windowed = (layout.batch_size * layout.windows_per_image, -1)
     if attn.fused_projections:
-        spatial, temporal = attn.to_qkv(tokens), attn.time_to_qkv(time_token)
-    else:
-        spatial = stacked_linear((attn.to_q, attn.to_k, attn.to_v), tokens)  # (B, nW*N, 3C)
-        # One row per image: three small products beat stacking the (3C, D_t) weights.
-        temporal = torch.cat([attn.time_to_q(time_token), attn.time_to_k(time_token), attn.time_to_v(time_token)], -1)
-    # The time term is added in place: a linear layer's output is not needed for its backward.
-    qkv = spatial.add_(temporal).view(layout.batch_size * layout.windows_per_image, -1, 3, attn.heads, attn.head_dim)
-    return qkv.unbind(dim=2)
+        qkv = add_time_term(attn.to_qkv(tokens), attn.time_to_qkv(time_token))  # (B, nW*N, 3C)
+        return qkv.view(*windowed, 3, attn.heads, attn.head_dim).unbind(dim=2)
+    # Separate products: in training each projection's gradient then arrives whole, with no stacking of q, k, v.
+    return tuple(
+        add_time_term(spatial(tokens), temporal(time_token)).view(*windowed, attn.heads, attn.head_dim)
+        for spatial, temporal in (
+            (attn.to_q, attn.time_to_q),
+            (attn.to_k, attn.time_to_k),
+            (attn.to_v, attn.time_to_v),
+        )
+    )
+
+
+def add_time_term(spatial: torch.Tensor, temporal: torch.Tensor) -> torch.Tensor:
+    """``x_s W_s + x_t W_t`` of Eq. 3-5: ``(B, L, D)`` spatial term plus the ``(B, 1, D)`` time term.
+
+    In place when no gradient is recorded; out of place otherwise, because an in-place add on a linear layer's
+    output (a view) makes autograd copy the whole tensor back in backward.
+    """
+    if torch.is_grad_enabled():
+        return spatial + temporal
+    return spatial.add_(temporal)
 
 
 class TimeDependentAttnProcessor:

@@ -13,11 +13,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .recompute import ActivationRecomputation, BackwardRecomputation, recomputation_applies
 from .transformer_block import DiffiTTransformerBlock
 
 
-class DiffiTResBlock(nn.Module):
+class DiffiTResBlock(nn.Module, ActivationRecomputation):
     """Convolution followed by a windowed DiffiT Transformer block, with an outer residual connection.
+
+    While training, ``SiLU(GroupNorm(x))`` is recomputed in backward rather than kept (see
+    :mod:`diffit_diffusers.models.recompute`).
 
     Args:
         in_channels: channels of the input feature map.
@@ -87,7 +91,15 @@ class DiffiTResBlock(nn.Module):
         """
         height, width = hidden_states.shape[-2:]
         residual = hidden_states if self.conv_shortcut is None else self.conv_shortcut(hidden_states)
-        features = self.conv(self.act(self.norm(hidden_states)))  # Eq. 9
+        features = self.conv_features(hidden_states)  # Eq. 9
         tokens = features.flatten(2).transpose(1, 2)  # (B, H*W, C_out)
         tokens = self.transformer(tokens, time_token, height, width)
         return tokens.transpose(1, 2).unflatten(2, (height, width)) + residual  # Eq. 10
+
+    def conv_features(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Eq. 9, ``h = Conv3x3(SiLU(GroupNorm(x)))``: ``(B, C_in, H, W) -> (B, C_out, H, W)``; the GroupNorm and SiLU
+        outputs are recomputed in backward while training."""
+        if not recomputation_applies(self.recompute_activations):
+            return self.conv(self.act(self.norm(hidden_states)))
+        with BackwardRecomputation() as saved:
+            return self.conv(saved.recompute(self.act, saved.recompute(self.norm, hidden_states)))

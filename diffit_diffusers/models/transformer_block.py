@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import torch
+from diffusers.models.activations import GELU
 from diffusers.models.attention import FeedForward
 from torch import nn
 
 from .attention import TimeDependentSelfAttention
+from .recompute import ActivationRecomputation, BackwardRecomputation, recomputation_applies
 
 
-class DiffiTTransformerBlock(nn.Module):
+class DiffiTTransformerBlock(nn.Module, ActivationRecomputation):
     """Pre-norm Transformer block with time-dependent self-attention.
 
     ``x = x + TMSA(LN(x), x_t)`` (Eq. 7); ``x = x + MLP(LN(x))`` (Eq. 8).
+
+    While training, the MLP's ``LN(x)`` and ``GELU(h)`` are recomputed in backward rather than kept (see
+    :mod:`diffit_diffusers.models.recompute`).
 
     Args:
         dim: token width ``C``.
@@ -51,4 +56,17 @@ class DiffiTTransformerBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, time_token: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``hidden_states`` ``(B, H*W, C)``, ``time_token`` ``(B, D_t)`` -> ``(B, H*W, C)``."""
         hidden_states = hidden_states + self.attn(self.norm1(hidden_states), time_token, height, width)
-        return hidden_states + self.ff(self.norm2(hidden_states))
+        return hidden_states + self.feed_forward(hidden_states)
+
+    def feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``MLP(LN(x))`` of Eq. 8, ``(B, N, C) -> (B, N, C)``. For GELU MLPs (both models' activations) ``LN(x)`` and
+        ``GELU(h)`` are recomputed in backward while training."""
+        projection_in = self.ff.net[0]
+        if not (recomputation_applies(self.recompute_activations) and isinstance(projection_in, GELU)):
+            return self.ff(self.norm2(hidden_states))
+        with BackwardRecomputation() as saved:
+            hidden = projection_in.proj(saved.recompute(self.norm2, hidden_states))
+            hidden = saved.recompute(projection_in.gelu, hidden)
+            for module in self.ff.net[1:]:
+                hidden = module(hidden)
+        return hidden

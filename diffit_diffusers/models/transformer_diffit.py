@@ -17,6 +17,7 @@ from .cache_support import CacheLayout, DiffiTCacheMixin
 from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
+from .recompute import ActivationRecomputationMixin
 from .transformer_block import DiffiTTransformerBlock
 
 
@@ -25,6 +26,7 @@ class DiffiTTransformer2DModel(
     DiffiTDenoiserMixin,
     DiffiTAttentionMixin,
     DiffiTCacheMixin,
+    ActivationRecomputationMixin,
     PresetMixin,
     ModelMixin,
     ConfigMixin,

@@ -29,6 +29,7 @@ from .cache_support import CacheLayout, DiffiTCacheMixin
 from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
+from .recompute import ActivationRecomputationMixin
 from .resblock import DiffiTResBlock
 
 
@@ -156,6 +157,7 @@ class DiffiTUNet2DModel(
     DiffiTDenoiserMixin,
     DiffiTAttentionMixin,
     DiffiTCacheMixin,
+    ActivationRecomputationMixin,
     PresetMixin,
     ModelMixin,
     ConfigMixin,

@@ -1,0 +1,132 @@
+"""Activation recomputation: keep the cheap norm and activation outputs out of the saved-for-backward set.
+
+In a training step most of a DiffiT block's saved activations are outputs of elementwise layers that the next layer
+needs for its backward: ``GroupNorm(x)`` and ``SiLU(GroupNorm(x))`` before a ResBlock's convolution (Eq. 9),
+``LN(x)`` before the MLP's first linear layer and ``GELU(h)`` before its second (Eq. 8). Inside a
+``BackwardRecomputation`` context the output of a layer called through ``recompute(layer, x)`` is saved as that call
+instead of its values; backward repeats the call when it needs the tensor (once, however many layers saved it) and
+frees the result after its last use. Only elementwise layers are recomputed, never a convolution or matrix
+product, and the autograd graph is the usual one, so outputs and gradients are exactly those of the plain forward.
+
+The mechanism is autograd's saved-tensor hooks, as in ``torch.utils.checkpoint``, without a checkpoint's re-run of the
+forward code (whose fixed cost per call is several times a small block's whole backward on CPU). It steps aside when
+other saved-tensor hooks are active (``enable_gradient_checkpointing()``, ``torch.autograd.graph.save_on_cpu``) and
+under ``torch.compile``, whose partitioner makes its own recomputation choices.
+
+Both DiffiT models recompute by default while gradients are recorded; ``disable_activation_recomputation()`` keeps
+every activation instead (more memory, a little less work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+
+class _Recipe:
+    """A saved tensor stored as the layer call that recomputes it; the result is cached until its last use."""
+
+    def __init__(self, output: torch.Tensor, layer: Callable[[torch.Tensor], torch.Tensor], source):
+        self.layer = layer
+        self.source = source  # the layer's input: a kept tensor, or the _Recipe of a recomputed one
+        self.layout = (output.shape, output.stride(), output.dtype, output.device)
+        self.uses = 0
+        self.unpacked = 0
+        self._value: torch.Tensor | None = None
+
+    def value(self) -> torch.Tensor:
+        if self._value is None:
+            source = self.source.value() if isinstance(self.source, _Recipe) else self.source
+            with torch.no_grad():
+                value = self.layer(source)
+            if (value.shape, value.stride(), value.dtype, value.device) != self.layout:
+                raise RuntimeError("Activation recomputation produced a tensor of another layout than the forward's.")
+            self._value = value
+        return self._value
+
+    def unpack(self, view: tuple[torch.Size, tuple[int, ...], int]) -> torch.Tensor:
+        """The saved view of the recomputed tensor; the cache is dropped once every saving layer has its copy."""
+        size, stride, offset = view
+        value = self.value()
+        self.unpacked += 1
+        if self.unpacked >= self.uses:
+            self._value = None
+        return value.as_strided(size, stride, value.storage_offset() + offset)
+
+
+class BackwardRecomputation(saved_tensors_hooks):
+    """Saved-tensor hooks under which the outputs of layers called through ``recompute`` (and views of them) are
+    saved as recipes, recomputed in backward. Use it as a context manager around a segment of layers.
+
+    ``recompute(layer, x)`` is ``layer(x)``; ``x`` is kept (the layer's backward keeps it anyway) unless it is itself
+    the output of an earlier ``recompute`` in the segment, which is then recomputed first.
+    """
+
+    def __init__(self):
+        self._recipes: list[tuple[torch.Tensor, _Recipe]] = []
+        super().__init__(self._pack, self._unpack)
+
+    def recompute(self, layer: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+        output = layer(inputs)
+        source = next((recipe for tensor, recipe in self._recipes if tensor is inputs), inputs)
+        self._recipes.append((output, _Recipe(output, layer, source)))
+        return output
+
+    def __enter__(self) -> "BackwardRecomputation":
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._recipes.clear()  # the recipes stay with the graph; the forward tensors must not
+        super().__exit__(*exc_info)
+
+    def _pack(self, tensor: torch.Tensor):
+        storage = tensor.untyped_storage().data_ptr()
+        for candidate, recipe in self._recipes:
+            if storage == candidate.untyped_storage().data_ptr() and tensor.dtype == candidate.dtype:
+                recipe.uses += 1
+                return recipe, (tensor.shape, tensor.stride(), tensor.storage_offset() - candidate.storage_offset())
+        return tensor
+
+    @staticmethod
+    def _unpack(packed) -> torch.Tensor:
+        if isinstance(packed, tuple):
+            recipe, view = packed
+            return recipe.unpack(view)
+        return packed
+
+
+def recomputation_applies(enabled: bool) -> bool:
+    """Whether a layer with recomputation ``enabled`` recomputes in this forward: gradients are recorded, nothing
+    else manages saved tensors (gradient checkpointing, offloading to CPU) and the code is not being compiled."""
+    return (
+        enabled
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    )
+
+
+class ActivationRecomputation:
+    """Flag of a layer that can recompute its norm/activation outputs in backward."""
+
+    recompute_activations: bool = True
+
+
+class ActivationRecomputationMixin:
+    """``enable_activation_recomputation`` / ``disable_activation_recomputation`` for a DiffiT model."""
+
+    def enable_activation_recomputation(self) -> None:
+        """Recompute norm and activation outputs in backward instead of keeping them (the default)."""
+        self._set_activation_recomputation(True)
+
+    def disable_activation_recomputation(self) -> None:
+        """Keep every activation for backward: more memory, no recomputation."""
+        self._set_activation_recomputation(False)
+
+    def _set_activation_recomputation(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, ActivationRecomputation):
+                module.recompute_activations = enabled
