@@ -2,8 +2,10 @@
 
 Sources are Hugging Face `datasets`: a Hub dataset, a local dataset folder or data file (parquet, arrow, a folder
 written by `save_to_disk`), an image folder (class sub-folders become labels) or the built-in offline `"digits"`
-dataset. Examples are dicts `{"pixel_values": FloatTensor (C, H, W) in [-1, 1], "class_labels": LongTensor ()}`
-(labels only for class-conditional training).
+dataset. Examples are dicts `{"pixel_values": ByteTensor (C, H, W), "class_labels": LongTensor ()}` (labels only
+for class-conditional training): images cross from DataLoader workers to the training process as 8-bit pixels, a
+quarter of the bytes of float32, and [`normalize_pixels`][diffit_diffusers.training.normalize_pixels] turns a batch
+into floats in [-1, 1] where it trains.
 
 Images are decoded lazily, so unreadable ones (bytes PIL cannot decode, truncated or missing files) are skipped,
 counted in `skipped_images` and reported through `logging` and an optional callback. [`ResumableLoader`][diffit_diffusers.training.ResumableLoader] turns a
@@ -11,6 +13,7 @@ dataset into an infinite stream of batches whose position can be saved and resto
 """
 
 import copy
+import functools
 import logging
 import zlib
 from contextlib import contextmanager
@@ -143,7 +146,7 @@ def _image_mode(num_channels: int) -> str:
 
 
 class ImageTransform:
-    """Turns a PIL image into a float tensor (C, H, W) in [-1, 1] with `H = W = resolution`.
+    """Turns a PIL image into a uint8 tensor (C, H, W) with `H = W = resolution` (see `normalize_pixels`).
 
     The image is converted to RGB or grayscale, resized (bicubic) so that its shorter side equals `resolution`,
     cropped to a square at the center or at a random place, and flipped horizontally with probability 0.5 when
@@ -163,7 +166,9 @@ class ImageTransform:
         return cls(config.resolution, config.num_channels, config.center_crop, config.random_flip)
 
     def __call__(self, image: PIL.Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        image = resize_shorter_side(image.convert(self.mode), self.resolution)
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        image = resize_shorter_side(image, self.resolution)
         width, height = image.size
         if self.center_crop:
             box = center_crop_box(width, height, self.resolution)
@@ -176,7 +181,27 @@ class ImageTransform:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
         pixels = pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels
-        return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+        return pixels.permute(2, 0, 1)
+
+
+@functools.lru_cache
+def _pixel_levels(device: torch.device) -> torch.Tensor:
+    """The float32 value of each of the 256 pixel levels, computed on the CPU, on `device`."""
+    return torch.arange(256, dtype=torch.uint8).float().div_(127.5).sub_(1.0).to(device)
+
+
+def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Maps uint8 pixels `(..., C, H, W)` to float32 in [-1, 1] (`x / 127.5 - 1`), on the device they are on.
+
+    The values are the same on every device: the CPU computes them; elsewhere they are looked up in the 256 levels
+    computed on the CPU (a GPU divides by a Python number as a multiplication by its reciprocal, which would change
+    111 of the 256 levels by one unit in the last place).
+    """
+    if pixel_values.dtype != torch.uint8:
+        raise ValueError(f"`normalize_pixels` takes uint8 pixels, got {pixel_values.dtype}.")
+    if pixel_values.device.type == "cpu":
+        return pixel_values.float().div_(127.5).sub_(1.0)
+    return _pixel_levels(pixel_values.device)[pixel_values.int()]
 
 
 def load_digits_dataset(resolution: int = 8) -> datasets.Dataset:
@@ -291,7 +316,7 @@ def decode_and_transform(
     cell: Any, transform: ImageTransform, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
     """Decode one image cell of a `datasets` table (`{"bytes": ..., "path": ...}`, a path, or a PIL image) and turn
-    it into a `(C, H, W)` tensor in [-1, 1] with `transform`; an unreadable image raises one of
+    it into a uint8 `(C, H, W)` tensor with `transform`; an unreadable image raises one of
     `UNREADABLE_IMAGE_ERRORS`. This is the per-image work the DataLoader workers do."""
     image = cell if isinstance(cell, PIL.Image.Image) else _IMAGE_DECODER.decode_example(
         {"path": cell, "bytes": None} if isinstance(cell, str) else cell
@@ -378,7 +403,7 @@ class _ImageExamples:
 
 
 class ImageDataset(_ImageExamples, torch.utils.data.Dataset):
-    """Map-style training images: `dataset[i]` is `{"pixel_values": (C, H, W), "class_labels": ()}`.
+    """Map-style training images: `dataset[i]` is `{"pixel_values": uint8 (C, H, W), "class_labels": ()}`.
 
     The whole dataset is visible to every process (shard it with accelerate or use [`ResumableLoader`][diffit_diffusers.training.ResumableLoader]). Random
     crops and flips depend only on `(seed, epoch, index)`, so they are reproducible with any number of workers;
@@ -719,7 +744,8 @@ class ResumableLoader:
     picks the examples: each epoch a permutation seeded by `(seed, epoch)`, of which process `r` of `w` takes
     positions `r, r + w, ...`. A [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] is read
     epoch after epoch; with workers, each worker reads its own shards and block-shuffles them. Batches run across
-    epoch boundaries. Restoring `state_dict()` into a loader built the same way (same `num_workers`) yields exactly
+    epoch boundaries. Workers hand over uint8 pixels, which `next_batch` turns into floats in [-1, 1]
+    (`normalize_pixels`). Restoring `state_dict()` into a loader built the same way (same `num_workers`) yields exactly
     the batches that would have followed.
 
     The state belongs to one process: with several processes, save and restore each process's state.
@@ -769,6 +795,8 @@ class ResumableLoader:
             self._batches = iter(self.loader)
         batch = next(self._batches)
         self.skipped_images += int(batch.pop(_SKIPPED_KEY))
+        if "pixel_values" in batch:
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"])
         return batch
 
     def _settings(self) -> dict[str, Any]:
