@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import send_to_device
 from diffusers import AutoencoderKL
 from harness import interleaved_median_seconds, machine_info, write_report
 from PIL import Image
@@ -108,7 +107,7 @@ def step_share(folder: Path, args: argparse.Namespace, work: Path) -> dict:
         data_seconds, step_seconds = [], []
         for index in range(args.steps + 1):
             start = time.perf_counter()
-            batch = send_to_device(trainer.loader.next_batch(), trainer.accelerator.device)
+            batch = trainer.loader.next_batch()
             waited = time.perf_counter() - start
             loss = trainer.training_step(batch)
             trainer.accelerator.backward(loss)
@@ -150,7 +149,7 @@ def latent_speed(folder: Path, args: argparse.Namespace, work: Path) -> dict:
 
     def one_step(trainer: Trainer):
         def step():
-            batch = send_to_device(trainer.loader.next_batch(), trainer.accelerator.device)
+            batch = trainer.loader.next_batch()
             trainer.accelerator.backward(trainer.training_step(batch))
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)

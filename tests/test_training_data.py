@@ -277,6 +277,7 @@ def check_exact_resume(make_dataset, batch_size, before, after, num_workers=0):
 
     restored = ResumableLoader(make_dataset(), batch_size, num_workers=num_workers)
     restored.load_state_dict(state)
+    assert restored.state_dict() == state  # saving again before the first batch keeps the position
     assert_same_batches(take_batches(restored, after), expected)
     # The continuation is not a restart.
     fresh = ResumableLoader(make_dataset(), batch_size, num_workers=num_workers)
@@ -324,6 +325,13 @@ def test_batches_hold_the_examples_pixels_as_floats(tmp_path, num_workers):
     assert torch.equal(batch["class_labels"], torch.stack([example["class_labels"] for example in examples]))
     with pytest.raises(ValueError, match="takes uint8 pixels, got torch.float32"):
         normalize_pixels(batch["pixel_values"])
+
+
+def test_accelerate_moves_the_batches_to_the_loaders_device(tmp_path):
+    config = make_config(tmp_path, dataset_name="digits", label_column="label")
+    batch = ResumableLoader(load_training_dataset(config), batch_size=3, device=torch.device("meta")).next_batch()
+    assert batch["pixel_values"].device.type == "meta" and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["class_labels"].device.type == "meta"
 
 
 def test_dataloader_workers_skip_and_count_unreadable_images(tmp_path, image_folder):
