@@ -202,7 +202,7 @@ def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"`normalize_pixels` takes uint8 pixels, got {pixel_values.dtype}.")
     if pixel_values.device.type == "cpu":
         return pixel_values.float().div_(127.5).sub_(1.0)
-    return _pixel_levels(pixel_values.device)[pixel_values.int()]
+    return _pixel_levels(pixel_values.device)[pixel_values.long()]
 
 
 def load_digits_dataset(resolution: int = 8) -> datasets.Dataset:
