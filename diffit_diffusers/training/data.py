@@ -737,7 +737,7 @@ class ResumableLoader:
     `num_processes` (process `r` takes batches `r, r + w, ...` of an
     [`EpochSampler`][diffit_diffusers.training.EpochSampler] over the whole dataset: each epoch a permutation seeded
     by `(seed, epoch)`). A [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] already holds
-    this process's share of the stream (whole shards, from `datasets`); it is read epoch after epoch and, with
+    this process's share of the stream (`datasets`' `split_dataset_by_node`); it is read epoch after epoch and, with
     workers, each worker reads its own shards and block-shuffles them. Batches run across epoch boundaries.
 
     Images travel as uint8 and are turned into floats in [-1, 1] on `device` (`normalize_pixels`), so batches are
