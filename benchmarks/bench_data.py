@@ -2,10 +2,11 @@
 
 Sections (``--sections``):
 
-- ``pipeline``: images/s of the input pipeline (decode, resize, random crop and flip, collate) on a folder of 256 px
-  JPEGs the benchmark writes, with ``--dataloader_num_workers`` 0 against 2. Each round builds a fresh
-  ``ResumableLoader``, takes one batch to start it and times the next ``--batches``; rounds alternate between the
-  worker counts and the medians are reported.
+- ``pipeline``: images/s of the input pipeline (decode, resize, random crop and flip, collate, float conversion) on
+  a folder of 256 px JPEGs the benchmark writes, with ``--dataloader_num_workers`` 0 against 2. Each round builds a
+  fresh ``ResumableLoader``, takes ``--warmup_batches`` (one pass over the folder: workers started and their queues
+  in their steady state) and times the next ``--batches``; rounds alternate between the worker counts and the
+  medians are reported, with the CPU milliseconds per image the training process and the workers spent.
 - ``step_share``: the share of a training step (tiny image U-Net at ``--step_resolution``) spent waiting for the next
   batch, with 0 and 2 workers: the ``data_wait_share`` the trainer logs.
 - ``latents``: latent training images/s with cached latents (``--latents_dataset``) against encoding every batch
@@ -18,6 +19,8 @@ Sections (``--sections``):
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import send_to_device
 from diffusers import AutoencoderKL
 from harness import interleaved_median_seconds, machine_info, write_report
 from PIL import Image
@@ -69,26 +71,47 @@ def reset_accelerate() -> None:
     PartialState._reset_state()
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) the processes ``pids`` have used so far, from ``/proc`` (Linux)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def pipeline_throughput(folder: Path, args: argparse.Namespace) -> dict:
-    samples: dict[int, list[float]] = {0: [], 2: []}
+    worker_counts = (0, 2)
+    speed = {workers: [] for workers in worker_counts}
+    cpu = {workers: {"training_process": [], "workers": []} for workers in worker_counts}
+    images = args.batches * args.batch_size
     for _ in range(args.repeats):
-        for workers in samples:
+        for workers in worker_counts:
             config = DataConfig(
                 train_data_dir=str(folder), resolution=256, center_crop=False, random_flip=True,
                 dataloader_num_workers=workers, cache_dir=args.cache_dir,
             )
             loader = ResumableLoader(load_training_dataset(config), args.batch_size, num_workers=workers)
-            loader.next_batch()
-            start = time.perf_counter()
+            for _ in range(args.warmup_batches):
+                loader.next_batch()
+            children = [child.pid for child in multiprocessing.active_children()]
+            main_cpu, workers_cpu, start = time.process_time(), cpu_seconds(children), time.perf_counter()
             for _ in range(args.batches):
                 loader.next_batch()
-            samples[workers].append(args.batches * args.batch_size / (time.perf_counter() - start))
+            speed[workers].append(images / (time.perf_counter() - start))
+            cpu[workers]["training_process"].append((time.process_time() - main_cpu) / images * 1e3)
+            cpu[workers]["workers"].append((cpu_seconds(children) - workers_cpu) / images * 1e3)
             del loader
-    medians = {workers: statistics.median(values) for workers, values in samples.items()}
+    medians = {workers: statistics.median(values) for workers, values in speed.items()}
     return {
         "images_per_second": {f"workers_{workers}": round(value, 1) for workers, value in medians.items()},
         "speedup_2_workers": round(medians[2] / medians[0], 2),
+        "cpu_ms_per_image": {
+            f"workers_{workers}": {name: round(statistics.median(values), 3) for name, values in parts.items()}
+            for workers, parts in cpu.items()
+        },
         "batch_size": args.batch_size,
+        "warmup_batches_per_round": args.warmup_batches,
         "batches_timed_per_round": args.batches,
         "rounds": args.repeats,
     }
@@ -108,7 +131,7 @@ def step_share(folder: Path, args: argparse.Namespace, work: Path) -> dict:
         data_seconds, step_seconds = [], []
         for index in range(args.steps + 1):
             start = time.perf_counter()
-            batch = send_to_device(trainer.loader.next_batch(), trainer.accelerator.device)
+            batch = trainer.loader.next_batch()
             waited = time.perf_counter() - start
             loss = trainer.training_step(batch)
             trainer.accelerator.backward(loss)
@@ -150,7 +173,7 @@ def latent_speed(folder: Path, args: argparse.Namespace, work: Path) -> dict:
 
     def one_step(trainer: Trainer):
         def step():
-            batch = send_to_device(trainer.loader.next_batch(), trainer.accelerator.device)
+            batch = trainer.loader.next_batch()
             trainer.accelerator.backward(trainer.training_step(batch))
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -179,12 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", default=["pipeline", "step_share", "latents"])
     parser.add_argument("--num_images", type=int, default=96)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--warmup_batches", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--step_resolution", type=int, default=64)
     parser.add_argument("--latent_batch_size", type=int, default=4)
     parser.add_argument("--latent_repeats", type=int, default=4)
+    parser.add_argument(
+        "--note",
+        default="2-core machine shared with other jobs while measured; see load_average_1min_at_start.",
+        help="how the machine was used while measuring, for the report",
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -193,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cache_dir = str(work / "hf-cache")
         folder = write_jpegs(work / "jpegs", args.num_images)
         report = {"machine": machine_info(torch.device("cpu"))}
-        report["note"] = (
-            "2-core machine shared with other jobs while measured; see load_average_1min_at_start. torch uses one "
-            "thread per process, so 2 workers can use both cores for decoding."
-        )
+        report["note"] = f"{args.note} torch uses one thread per process (DataLoader workers always do)."
         if "pipeline" in args.sections:
             report["pipeline"] = pipeline_throughput(folder, args)
         if "step_share" in args.sections:

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from diffit_diffusers import DiffiTPipeline
-from diffit_diffusers.training import DataConfig, Trainer, load_training_dataset, parse_config
+from diffit_diffusers.training import DataConfig, Trainer, load_training_dataset, normalize_pixels, parse_config
 from diffit_diffusers.training.precompute_latents import main as precompute_main
 
 from test_training import TINY_TRANSFORMER, digits_args, run_training, tiny_vae_folder, write_config
@@ -58,7 +58,7 @@ def test_latents_are_the_vae_posteriors_of_the_training_images(tmp_path, vae):
         DataConfig(latents_dataset=str(folder), label_column="label", cache_dir=str(tmp_path / "cache"))
     )
     for index in (0, 31, 59):
-        pixels = images[index]["pixel_values"][None]
+        pixels = normalize_pixels(images[index]["pixel_values"])[None]
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
             flipped = vae.encode(pixels.flip(-1)).latent_dist

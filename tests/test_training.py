@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -246,24 +247,97 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
         assert torch.equal(final_resumed[name], tensor), f"EMA weights differ: {name}"
 
 
-@pytest.mark.slow
-def test_two_processes_on_cpu(tmp_path):
-    # On a machine without GPUs, accelerate's `--multi_gpu` launches CPU processes (DistributedType.MULTI_CPU).
-    output = tmp_path / "multi"
-    args = digits_args(tmp_path, output="multi", max_train_steps=2, checkpointing_steps=2)
+IMAGES_PER_FILE, NUM_FILES = 12, 4
+
+
+def identity_dataset(tmp_path: Path) -> str:
+    """A folder of 4 parquet files (4 shards when streamed) of 48 noisy 8x8 gray images; pixel (0, 0) of image `i`
+    is `5 * i`, its identity, and its label is `i % 2`."""
+    folder = tmp_path / "identities"
+    folder.mkdir()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["even", "odd"])})
+    rng = np.random.default_rng(0)
+    for file in range(NUM_FILES):
+        indices = range(file * IMAGES_PER_FILE, (file + 1) * IMAGES_PER_FILE)
+        images = []
+        for index in indices:
+            pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+            pixels[0, 0] = 5 * index
+            images.append(Image.fromarray(pixels))
+        table = {"image": images, "label": [index % 2 for index in indices]}
+        datasets.Dataset.from_dict(table, features=features).to_parquet(str(folder / f"train-{file}.parquet"))
+    return str(folder)
+
+
+def launch_two_processes(args: list[str], log: Path, **popen_kwargs) -> subprocess.Popen:
+    """`tests/multiprocess_training.py` with `args` under `accelerate launch` with 2 processes, output into `log`.
+    On a machine without GPUs, accelerate's `--multi_gpu` launches CPU processes (DistributedType.MULTI_CPU)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO_ROOT / "examples" / "train_diffit.py"), *args,
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "tests" / "multiprocess_training.py"), *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = output / "checkpoint-2"
+    with open(log, "w") as output:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, **popen_kwargs)
+
+
+def finish(process: subprocess.Popen, log: Path) -> None:
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+
+
+def examples_by_step(output: Path, rank: int) -> dict[int, list[int]]:
+    """The identities of the examples process `rank` trained on at each step (a step trained again after a resume
+    counts as trained then)."""
+    lines = (output / f"seen-{rank}.jsonl").read_text().splitlines()
+    return {record["step"]: record["examples"] for record in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_two_processes_with_workers_resume_bit_identically_on_disjoint_data(tmp_path, streaming):
+    """Two accelerate processes with a DataLoader worker each, killed with SIGKILL after a checkpoint and resumed,
+    end with the weights of an uninterrupted run, having trained on the same examples; the processes' batches are
+    disjoint and every epoch covers the dataset."""
+    common = dict(
+        dataset_name=identity_dataset(tmp_path), streaming=streaming, shuffle_buffer_size=8, dataloader_num_workers=1,
+        max_train_steps=12, checkpointing_steps=4, use_ema=True,
+    )
+    log = tmp_path / "straight.log"
+    finish(launch_two_processes(digits_args(tmp_path, output="straight", **common), log), log)
+
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    process = launch_two_processes(digits_args(tmp_path, output="killed", **common), log, start_new_session=True)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint-4" / "training_state.json").exists():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "training never reached its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher, both training processes and their DataLoader workers
+    process.wait()
+    assert not (killed / "model_index.json").exists(), "the run finished before it could be killed"
+    log = tmp_path / "resumed.log"
+    resume = digits_args(tmp_path, output="killed", resume_from_checkpoint="latest", **common)
+    finish(launch_two_processes(resume, log), log)
+
+    straight = tmp_path / "straight"
+    for weights_file in ("checkpoint-12/model.safetensors", "denoiser/diffusion_pytorch_model.safetensors"):
+        expected, resumed = load_file(straight / weights_file), load_file(killed / weights_file)
+        assert expected.keys() == resumed.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(resumed[name], tensor), (weights_file, name)
+    checkpoint = killed / "checkpoint-12"
     assert json.loads((checkpoint / "training_state.json").read_text())["num_processes"] == 2
     states = [json.loads((checkpoint / f"data_state_{rank}.json").read_text()) for rank in (0, 1)]
-    assert [s["process_index"] for s in states] == [0, 1]
-    assert (output / "model_index.json").is_file()
+    assert [state["process_index"] for state in states] == [0, 1]
+
+    seen = [examples_by_step(straight, rank) for rank in (0, 1)]
+    assert [examples_by_step(killed, rank) for rank in (0, 1)] == seen
+    # 48 examples, 2 processes x 4 per step: every 6 steps are one epoch, split between the processes.
+    everything = sorted(5 * index for index in range(IMAGES_PER_FILE * NUM_FILES))
+    for epoch in range(2):
+        shares = [[level for step in range(6 * epoch, 6 * epoch + 6) for level in share[step]] for share in seen]
+        assert not set(shares[0]) & set(shares[1]), epoch
+        assert sorted(shares[0] + shares[1]) == everything, epoch
 
 
 # Data problems ------------------------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ import torch
 
 from diffit_diffusers.training import (
     DataConfig,
+    EpochSampler,
     ImageDataset,
     ImageTransform,
     ResumableLoader,
     StreamingImageDataset,
     load_training_dataset,
+    normalize_pixels,
 )
 
 
@@ -33,8 +35,10 @@ def class_value(label: int, index: int) -> int:
 
 
 def pixel_identity(pixel_values: torch.Tensor) -> int:
-    """The gray level a fixture image was written with, read back from its tensor in [-1, 1]."""
-    return round((pixel_values[0, 0, 0].item() + 1) * 127.5)
+    """The gray level a fixture image was written with, read back from an example's uint8 pixels or from a batch's
+    floats in [-1, 1]."""
+    level = pixel_values[0, 0, 0].item()
+    return int(level) if pixel_values.dtype == torch.uint8 else round((level + 1) * 127.5)
 
 
 @pytest.fixture
@@ -97,17 +101,17 @@ def test_digits_shapes_ranges_and_labels(tmp_path):
     for index in (0, 5, 1796):
         example = dataset[index]
         assert example["pixel_values"].shape == (1, 8, 8)
-        assert example["pixel_values"].dtype == torch.float32
+        assert example["pixel_values"].dtype == torch.uint8
         assert example["class_labels"].dtype == torch.long and example["class_labels"].ndim == 0
         assert example["class_labels"].item() == digits.target[index]
-        # At the native 8x8 resolution nothing is resampled: 0..16 -> 0..255 -> [-1, 1].
-        expected = torch.from_numpy(np.rint(digits.images[index] * 255 / 16) / 127.5 - 1).float()
-        torch.testing.assert_close(example["pixel_values"][0], expected)
+        # At the native 8x8 resolution nothing is resampled: 0..16 -> 0..255.
+        expected = torch.from_numpy(np.rint(digits.images[index] * 255 / 16)).to(torch.uint8)
+        assert torch.equal(example["pixel_values"][0], expected)
 
     upsampled = load_training_dataset(make_config(tmp_path, dataset_name="digits", resolution=16))
     pixels = torch.stack([upsampled[index]["pixel_values"] for index in range(64)])
     assert pixels.shape == (64, 3, 16, 16)
-    assert pixels.min() == -1.0 and 0.9 < pixels.max() <= 1.0
+    assert pixels.min() == 0 and 240 < pixels.max() <= 255
     assert upsampled.num_classes is None and upsampled.id2label is None
     assert "class_labels" not in upsampled[0]
 
@@ -116,8 +120,8 @@ def test_image_transform_resizes_shorter_side_and_crops():
     image = PIL.Image.new("L", (40, 20))
     image.paste(255, (14, 0, 26, 20))  # a bright vertical bar in the middle
     centered = ImageTransform(resolution=10, num_channels=3)(image)
-    assert centered.shape == (3, 10, 10)
-    assert centered[:, :, 4:6].min() > 0.9 and centered[:, :, 0].max() == -1.0
+    assert centered.shape == (3, 10, 10) and centered.dtype == torch.uint8
+    assert centered[:, :, 4:6].min() > 240 and centered[:, :, 0].max() == 0
     random_crop = ImageTransform(resolution=10, num_channels=1, center_crop=False)
     grayscale = random_crop(image, torch.Generator().manual_seed(0))
     assert grayscale.shape == (1, 10, 10)
@@ -273,6 +277,7 @@ def check_exact_resume(make_dataset, batch_size, before, after, num_workers=0):
 
     restored = ResumableLoader(make_dataset(), batch_size, num_workers=num_workers)
     restored.load_state_dict(state)
+    assert restored.state_dict() == state  # saving again before the first batch keeps the position
     assert_same_batches(take_batches(restored, after), expected)
     # The continuation is not a restart.
     fresh = ResumableLoader(make_dataset(), batch_size, num_workers=num_workers)
@@ -303,6 +308,30 @@ def test_resume_is_exact_with_dataloader_workers(tmp_path, streaming):
     serial = ResumableLoader(load_training_dataset(config), batch_size=100)
     with pytest.raises(ValueError, match="num_workers"):
         serial.load_state_dict(ResumableLoader(load_training_dataset(config), 100, num_workers=2).state_dict())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_hold_the_examples_pixels_as_floats(tmp_path, num_workers):
+    """Workers hand over uint8 pixels; the loader's batches are exactly `level / 127.5 - 1` of the examples."""
+    config = make_config(
+        tmp_path, dataset_name="digits", label_column="label", resolution=12, random_flip=True, center_crop=False
+    )
+    dataset = load_training_dataset(config)
+    batch = ResumableLoader(dataset, batch_size=5, num_workers=num_workers).next_batch()
+    examples = [dataset[(0, index)] for index in EpochSampler(len(dataset), seed=config.seed).indices(0)[:5]]
+    pixels = torch.stack([example["pixel_values"] for example in examples])
+    assert batch["pixel_values"].dtype == torch.float32
+    assert torch.equal(batch["pixel_values"], pixels.float() / 127.5 - 1.0)
+    assert torch.equal(batch["class_labels"], torch.stack([example["class_labels"] for example in examples]))
+    with pytest.raises(ValueError, match="takes uint8 pixels, got torch.float32"):
+        normalize_pixels(batch["pixel_values"])
+
+
+def test_accelerate_moves_the_batches_to_the_loaders_device(tmp_path):
+    config = make_config(tmp_path, dataset_name="digits", label_column="label")
+    batch = ResumableLoader(load_training_dataset(config), batch_size=3, device=torch.device("meta")).next_batch()
+    assert batch["pixel_values"].device.type == "meta" and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["class_labels"].device.type == "meta"
 
 
 def test_dataloader_workers_skip_and_count_unreadable_images(tmp_path, image_folder):

@@ -13,6 +13,7 @@ from .data import (
     decode_and_transform,
     load_digits_dataset,
     load_training_dataset,
+    normalize_pixels,
 )
 from .objectives import OBJECTIVES, DDPMObjective, EDMObjective, LearnedSigmaObjective, build_objective
 from .config import TrainingConfig, TrainingOptions, parse_config
@@ -34,6 +35,7 @@ __all__ = [
     "decode_and_transform",
     "load_digits_dataset",
     "load_training_dataset",
+    "normalize_pixels",
     "OBJECTIVES",
     "DDPMObjective",
     "EDMObjective",

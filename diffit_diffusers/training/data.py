@@ -2,15 +2,18 @@
 
 Sources are Hugging Face `datasets`: a Hub dataset, a local dataset folder or data file (parquet, arrow, a folder
 written by `save_to_disk`), an image folder (class sub-folders become labels) or the built-in offline `"digits"`
-dataset. Examples are dicts `{"pixel_values": FloatTensor (C, H, W) in [-1, 1], "class_labels": LongTensor ()}`
-(labels only for class-conditional training).
+dataset. Examples are dicts `{"pixel_values": ByteTensor (C, H, W), "class_labels": LongTensor ()}` (labels only
+for class-conditional training): images cross from DataLoader workers to the training process as 8-bit pixels, a
+quarter of the bytes of float32, and [`normalize_pixels`][diffit_diffusers.training.normalize_pixels] turns a batch
+into floats in [-1, 1] where it trains.
 
 Images are decoded lazily, so unreadable ones (bytes PIL cannot decode, truncated or missing files) are skipped,
 counted in `skipped_images` and reported through `logging` and an optional callback. [`ResumableLoader`][diffit_diffusers.training.ResumableLoader] turns a
-dataset into an infinite stream of batches whose position can be saved and restored exactly.
+dataset into an infinite stream of batches, prepared by accelerate, whose position can be saved and restored exactly.
 """
 
 import copy
+import functools
 import logging
 import zlib
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import torch
+from accelerate.data_loader import prepare_data_loader
 from datasets.distributed import split_dataset_by_node
 
 from ..dataset_sources import center_crop_box, open_dataset, resize_shorter_side
@@ -143,7 +147,7 @@ def _image_mode(num_channels: int) -> str:
 
 
 class ImageTransform:
-    """Turns a PIL image into a float tensor (C, H, W) in [-1, 1] with `H = W = resolution`.
+    """Turns a PIL image into a uint8 tensor (C, H, W) with `H = W = resolution` (see `normalize_pixels`).
 
     The image is converted to RGB or grayscale, resized (bicubic) so that its shorter side equals `resolution`,
     cropped to a square at the center or at a random place, and flipped horizontally with probability 0.5 when
@@ -163,7 +167,9 @@ class ImageTransform:
         return cls(config.resolution, config.num_channels, config.center_crop, config.random_flip)
 
     def __call__(self, image: PIL.Image.Image, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        image = resize_shorter_side(image.convert(self.mode), self.resolution)
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        image = resize_shorter_side(image, self.resolution)
         width, height = image.size
         if self.center_crop:
             box = center_crop_box(width, height, self.resolution)
@@ -176,7 +182,27 @@ class ImageTransform:
             image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
         pixels = pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels
-        return pixels.permute(2, 0, 1).float() / 127.5 - 1.0
+        return pixels.permute(2, 0, 1)
+
+
+@functools.lru_cache
+def _pixel_levels(device: torch.device) -> torch.Tensor:
+    """The float32 value of each of the 256 pixel levels, computed on the CPU, on `device`."""
+    return torch.arange(256, dtype=torch.uint8).float().div_(127.5).sub_(1.0).to(device)
+
+
+def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Maps uint8 pixels `(..., C, H, W)` to float32 in [-1, 1] (`x / 127.5 - 1`), on the device they are on.
+
+    The values are the same on every device: the CPU computes them; elsewhere they are looked up in the 256 levels
+    computed on the CPU (a GPU divides by a Python number as a multiplication by its reciprocal, which would change
+    111 of the 256 levels by one unit in the last place).
+    """
+    if pixel_values.dtype != torch.uint8:
+        raise ValueError(f"`normalize_pixels` takes uint8 pixels, got {pixel_values.dtype}.")
+    if pixel_values.device.type == "cpu":
+        return pixel_values.float().div_(127.5).sub_(1.0)
+    return _pixel_levels(pixel_values.device)[pixel_values.long()]
 
 
 def load_digits_dataset(resolution: int = 8) -> datasets.Dataset:
@@ -291,7 +317,7 @@ def decode_and_transform(
     cell: Any, transform: ImageTransform, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
     """Decode one image cell of a `datasets` table (`{"bytes": ..., "path": ...}`, a path, or a PIL image) and turn
-    it into a `(C, H, W)` tensor in [-1, 1] with `transform`; an unreadable image raises one of
+    it into a uint8 `(C, H, W)` tensor with `transform`; an unreadable image raises one of
     `UNREADABLE_IMAGE_ERRORS`. This is the per-image work the DataLoader workers do."""
     image = cell if isinstance(cell, PIL.Image.Image) else _IMAGE_DECODER.decode_example(
         {"path": cell, "bytes": None} if isinstance(cell, str) else cell
@@ -378,9 +404,10 @@ class _ImageExamples:
 
 
 class ImageDataset(_ImageExamples, torch.utils.data.Dataset):
-    """Map-style training images: `dataset[i]` is `{"pixel_values": (C, H, W), "class_labels": ()}`.
+    """Map-style training images: `dataset[i]` is `{"pixel_values": uint8 (C, H, W), "class_labels": ()}`.
 
-    The whole dataset is visible to every process (shard it with accelerate or use [`ResumableLoader`][diffit_diffusers.training.ResumableLoader]). Random
+    The whole dataset is visible to every process: [`ResumableLoader`][diffit_diffusers.training.ResumableLoader] has
+    accelerate shard its batches over the processes. Random
     crops and flips depend only on `(seed, epoch, index)`, so they are reproducible with any number of workers;
     call `set_epoch` at each epoch. An unreadable image is skipped: its index is served by the next readable
     index (wrapping around), so batches stay full; it is counted once in `skipped_images`.
@@ -625,24 +652,22 @@ def collate_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Endless `(epoch, index)` keys of a map-style dataset for one process, exactly resumable.
+    """Endless `(epoch, index)` keys of a map-style dataset, exactly resumable.
 
-    Each epoch visits a permutation of `range(num_examples)` seeded by `(seed, epoch)`, of which process `r` of `w`
-    takes positions `r, r + w, ...`; epochs follow each other without end. The state is the epoch and the position
-    in it (torchdata's `StatefulDataLoader` saves and restores it).
+    Each epoch visits a permutation of `range(num_examples)` seeded by `(seed, epoch)`; epochs follow each other
+    without end. The state is the epoch and the position in it (torchdata's `StatefulDataLoader` saves and restores
+    it). With several processes, accelerate's `prepare_data_loader` deals the batches out: process `r` of `w` takes
+    batches `r, r + w, ...`.
     """
 
-    def __init__(self, num_examples: int, *, seed: int, process_index: int = 0, num_processes: int = 1):
+    def __init__(self, num_examples: int, *, seed: int):
         self.num_examples = num_examples
         self.seed = seed
-        self.process_index = process_index
-        self.num_processes = num_processes
         self.epoch, self.position = 0, 0
 
     def indices(self, epoch: int) -> list[int]:
-        """This process's share of the permutation of `epoch`."""
-        permutation = torch.randperm(self.num_examples, generator=seeded_generator(self.seed, epoch))
-        return permutation[self.process_index :: self.num_processes].tolist()
+        """The permutation of `epoch`."""
+        return torch.randperm(self.num_examples, generator=seeded_generator(self.seed, epoch)).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         while True:
@@ -660,19 +685,10 @@ class EpochSampler(torch.utils.data.Sampler):
             "position": self.position,
             "seed": self.seed,
             "num_examples": self.num_examples,
-            "process_index": self.process_index,
-            "num_processes": self.num_processes,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        _check_state_matches(
-            state_dict,
-            kind="map",
-            seed=self.seed,
-            num_examples=self.num_examples,
-            process_index=self.process_index,
-            num_processes=self.num_processes,
-        )
+        _check_state_matches(state_dict, kind="map", seed=self.seed, num_examples=self.num_examples)
         self.epoch, self.position = state_dict["epoch"], state_dict["position"]
 
 
@@ -694,15 +710,16 @@ class _EndlessStream(torch.utils.data.IterableDataset):
 
 
 class _CountingCollate:
-    """`collate_examples` plus the number of images the (worker's) dataset skipped since the previous batch."""
+    """`collate_examples` plus the number of images the (worker's) dataset skipped since the previous batch (a
+    Python int, which accelerate leaves where it is when it moves the batch to the device)."""
 
     def __init__(self, dataset: _ImageExamples):
         self.dataset = dataset
         self.reported = 0
 
-    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         batch = collate_examples(examples)
-        batch[_SKIPPED_KEY] = torch.tensor(self.dataset.skipped_images - self.reported)
+        batch[_SKIPPED_KEY] = self.dataset.skipped_images - self.reported
         self.reported = self.dataset.skipped_images
         return batch
 
@@ -711,24 +728,35 @@ _SKIPPED_KEY = "_skipped_images"
 
 
 class ResumableLoader:
-    """An endless stream of batches from one process's share of a training dataset, with exact resume.
+    """An endless stream of batches from one process's share of a training dataset, on its device, with exact resume.
 
     A torchdata `StatefulDataLoader` with `num_workers` worker processes decodes, transforms and collates the
-    examples (unreadable images are skipped and counted in the workers). For an
-    [`ImageDataset`][diffit_diffusers.training.ImageDataset] an [`EpochSampler`][diffit_diffusers.training.EpochSampler]
-    picks the examples: each epoch a permutation seeded by `(seed, epoch)`, of which process `r` of `w` takes
-    positions `r, r + w, ...`. A [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] is read
-    epoch after epoch; with workers, each worker reads its own shards and block-shuffles them. Batches run across
-    epoch boundaries. Restoring `state_dict()` into a loader built the same way (same `num_workers`) yields exactly
-    the batches that would have followed.
+    examples (unreadable images are skipped and counted in the workers), and accelerate's `prepare_data_loader`
+    prepares it: it moves each batch to `device` and, for an
+    [`ImageDataset`][diffit_diffusers.training.ImageDataset], shards the batches over the dataset's
+    `num_processes` (process `r` takes batches `r, r + w, ...` of an
+    [`EpochSampler`][diffit_diffusers.training.EpochSampler] over the whole dataset: each epoch a permutation seeded
+    by `(seed, epoch)`). A [`StreamingImageDataset`][diffit_diffusers.training.StreamingImageDataset] already holds
+    this process's share of the stream (`datasets`' `split_dataset_by_node`); it is read epoch after epoch and, with
+    workers, each worker reads its own shards and block-shuffles them. Batches run across epoch boundaries.
 
-    The state belongs to one process: with several processes, save and restore each process's state.
+    Images travel as uint8 and are turned into floats in [-1, 1] on `device` (`normalize_pixels`), so batches are
+    `{"pixel_values": float32 (B, C, H, W), "class_labels": (B,)}` whatever the number of workers. Restoring
+    `state_dict()` (accelerate's stateful loader state, with the settings it is valid for) into a loader built the
+    same way yields exactly the batches that would have followed. The state belongs to one process: with several
+    processes, save and restore each process's state.
 
     Attributes:
         skipped_images (`int`): Unreadable images skipped so far to build the batches returned (all workers).
     """
 
-    def __init__(self, dataset: Union[ImageDataset, StreamingImageDataset], batch_size: int, num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: Union[ImageDataset, StreamingImageDataset],
+        batch_size: int,
+        num_workers: int = 0,
+        device: Optional[torch.device] = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
         if num_workers < 0:
@@ -739,10 +767,13 @@ class ResumableLoader:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.skipped_images = 0
+        # Pinned pages let a GPU copy the next batch while the current step runs.
+        pin_memory = device is not None and torch.device(device).type == "cuda"
         loader_kwargs = {
             "batch_size": batch_size,
             "num_workers": num_workers,
             "collate_fn": _CountingCollate(dataset),
+            "pin_memory": pin_memory,
             "persistent_workers": num_workers > 0,
             "prefetch_factor": 2 if num_workers > 0 else None,
             # Its own generator: starting to iterate must not draw from the global RNG that the training
@@ -750,25 +781,35 @@ class ResumableLoader:
             "generator": torch.Generator().manual_seed(dataset.seed),
         }
         if isinstance(dataset, ImageDataset):
-            self.sampler = EpochSampler(
-                len(dataset), seed=dataset.seed, process_index=dataset.process_index, num_processes=dataset.num_processes
-            )
-            if not self.sampler.indices(0):
-                raise ValueError(
-                    f"{dataset.source_name} has {len(dataset)} example(s), fewer than the {dataset.num_processes} "
-                    f"processes; process {dataset.process_index} would get none."
-                )
-            self.loader = StatefulDataLoader(dataset, sampler=self.sampler, **loader_kwargs)
+            sampler = EpochSampler(len(dataset), seed=dataset.seed)
+            loader = StatefulDataLoader(dataset, sampler=sampler, **loader_kwargs)
+            num_processes, process_index = dataset.num_processes, dataset.process_index
         else:
-            self.loader = StatefulDataLoader(_EndlessStream(dataset), **loader_kwargs)
-        self._batches: Optional[Iterator[dict[str, torch.Tensor]]] = None
+            loader = StatefulDataLoader(_EndlessStream(dataset), **loader_kwargs)
+            num_processes, process_index = 1, 0
+        self.loader = prepare_data_loader(
+            loader,
+            device=device,
+            num_processes=num_processes,
+            process_index=process_index,
+            put_on_device=device is not None,
+            dispatch_batches=False,
+            non_blocking=pin_memory,
+            use_stateful_dataloader=True,
+        )
+        self._batches: Optional[Iterator[dict[str, Any]]] = None
+        # The restored position until the first batch (accelerate's loader reports its own only once it iterates).
+        self._restored_position: Optional[dict[str, Any]] = None
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         """The next `{"pixel_values": (B, C, H, W), "class_labels": (B,)}` batch (labels only when labeled)."""
         if self._batches is None:
             self._batches = iter(self.loader)
         batch = next(self._batches)
-        self.skipped_images += int(batch.pop(_SKIPPED_KEY))
+        self._restored_position = None
+        self.skipped_images += batch.pop(_SKIPPED_KEY)
+        if "pixel_values" in batch:
+            batch["pixel_values"] = normalize_pixels(batch["pixel_values"])
         return batch
 
     def _settings(self) -> dict[str, Any]:
@@ -790,11 +831,13 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """The loader's position after the last returned batch (JSON-serializable)."""
-        return {**self._settings(), "loader": self.loader.state_dict(), "skipped_images": self.skipped_images}
+        position = self._restored_position if self._restored_position is not None else self.loader.state_dict()
+        return {**self._settings(), "loader": position, "skipped_images": self.skipped_images}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores a position saved by `state_dict()` (call it before the first `next_batch`)."""
         _check_state_matches(state_dict, **self._settings())
         self._batches = None
         self.loader.load_state_dict(state_dict["loader"])
+        self._restored_position = copy.deepcopy(state_dict["loader"])
         self.skipped_images = state_dict["skipped_images"]

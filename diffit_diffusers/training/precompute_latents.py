@@ -28,7 +28,7 @@ from accelerate import PartialState
 from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from transformers import HfArgumentParser
 
-from .data import DataConfig, _option as option, collate_examples, load_training_dataset
+from .data import DataConfig, _option as option, collate_examples, load_training_dataset, normalize_pixels
 from .latents import FLIPPED_PREFIX, LABEL_COLUMN, LATENT_COLUMNS, LATENTS_INFO_FILE, SHARD_PATTERN
 from .trainer import has_accelerator, load_vae
 
@@ -112,7 +112,7 @@ def compute_latents_dataset(data: DataConfig, options: LatentCachingOptions) -> 
         )
         columns = defaultdict(list)
         for batch in loader:
-            pixels = batch["pixel_values"].to(state.device, vae.dtype)
+            pixels = normalize_pixels(batch["pixel_values"].to(state.device)).to(vae.dtype)
             views = {"": pixels, FLIPPED_PREFIX: pixels.flip(-1)} if data.random_flip else {"": pixels}
             with torch.no_grad():
                 for prefix, view in views.items():

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, ModelMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -266,7 +266,10 @@ class Trainer:
         self.dataset = load_training_dataset(
             data, process_index=self.accelerator.process_index, num_processes=self.accelerator.num_processes
         )
-        self.loader = ResumableLoader(self.dataset, config.train_batch_size, num_workers=data.dataloader_num_workers)
+        # accelerate prepares the DataLoader: it shards map-style batches over the processes and moves them here.
+        self.loader = ResumableLoader(
+            self.dataset, config.train_batch_size, num_workers=data.dataloader_num_workers, device=self.accelerator.device
+        )
 
         in_channels, sample_size = data.num_channels, data.resolution
         latents_info = getattr(self.dataset, "latents_info", None)
@@ -585,7 +588,7 @@ class Trainer:
         while self.global_step < config.max_train_steps:
             with accelerator.accumulate(self.model):
                 data_started = time.perf_counter()
-                batch = send_to_device(self.loader.next_batch(), accelerator.device)
+                batch = self.loader.next_batch()
                 data_seconds += time.perf_counter() - data_started
                 loss = self.training_step(batch)
                 accelerator.backward(loss)
