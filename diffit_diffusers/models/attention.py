@@ -201,10 +201,7 @@ class TimeDependentAttnProcessor:
         width: int,
     ) -> torch.Tensor:
         check_backend_takes_bias(self._attention_backend or _AttentionBackendRegistry._active_backend)
-        layout = attn.window_layout(hidden_states, time_token, height, width)
-        windows = window_partition(hidden_states, layout)  # (B*nW, N, C)
-
-        query, key, value = time_dependent_qkv(attn, windows, time_token, layout)  # Eq. 3-5
+        layout, query, key, value = attn.windowed_qkv(hidden_states, time_token, height, width)  # Eq. 3-5
 
         # Eq. 6's B, one (heads, N, N) bias for every window; padded keys get -inf.
         attn_mask = attn.relative_position_bias().to(query.dtype).unsqueeze(0)
@@ -221,9 +218,7 @@ class TimeDependentAttnProcessor:
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
-
-        out = attn.to_out(out.flatten(2))
-        return window_merge(out, layout)
+        return attn.project_out(out, layout)
 
 
 class TimeDependentExplicitAttnProcessor:
@@ -237,17 +232,14 @@ class TimeDependentExplicitAttnProcessor:
         height: int,
         width: int,
     ) -> torch.Tensor:
-        layout = attn.window_layout(hidden_states, time_token, height, width)
-        windows = window_partition(hidden_states, layout)
-        query, key, value = time_dependent_qkv(attn, windows, time_token, layout)  # Eq. 3-5
+        layout, query, key, value = attn.windowed_qkv(hidden_states, time_token, height, width)  # Eq. 3-5
         query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (B*nW, heads, N, d)
         scores = query @ key.transpose(-2, -1) * attn.scale + attn.relative_position_bias()  # (B*nW, heads, N, N)
         if layout.is_padded:
             scores = scores.unflatten(0, (layout.batch_size, -1)) + padding_mask(layout, scores.dtype, scores.device)
             scores = scores.flatten(0, 1)
         out = scores.softmax(dim=-1) @ value  # Eq. 6
-        out = attn.to_out(out.transpose(1, 2).flatten(2))
-        return window_merge(out, layout)
+        return attn.project_out(out.transpose(1, 2), layout)
 
 
 class TimeDependentFlexAttnProcessor:
@@ -267,9 +259,7 @@ class TimeDependentFlexAttnProcessor:
         width: int,
     ) -> torch.Tensor:
         self._check_device_supports_backward(attn, hidden_states)
-        layout = attn.window_layout(hidden_states, time_token, height, width)
-        windows = window_partition(hidden_states, layout)
-        query, key, value = time_dependent_qkv(attn, windows, time_token, layout)  # Eq. 3-5
+        layout, query, key, value = attn.windowed_qkv(hidden_states, time_token, height, width)  # Eq. 3-5
 
         table, index = attn.relative_position_bias_table, attn.relative_position_index
 
@@ -292,8 +282,7 @@ class TimeDependentFlexAttnProcessor:
             block_mask=block_mask,
             scale=attn.scale,
         )
-        out = attn.to_out(out.transpose(1, 2).flatten(2))
-        return window_merge(out, layout)
+        return attn.project_out(out.transpose(1, 2), layout)
 
     def _check_device_supports_backward(self, attn: "TimeDependentSelfAttention", hidden_states: torch.Tensor) -> None:
         """Raise a ``ValueError`` for a CPU forward that records gradients, which FlexAttention cannot back-propagate."""
@@ -439,6 +428,22 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
                 f"received {tuple(time_token.shape)}."
             )
         return window_layout(batch_size, height, width, self.window_size, self.pad_to_window)
+
+    def windowed_qkv(
+        self, hidden_states: torch.Tensor, time_token: torch.Tensor, height: int, width: int
+    ) -> tuple[WindowLayout, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What every processor starts with: check the inputs, cut ``(B, H*W, C)`` into windows and compute Eq. 3-5.
+
+        Returns:
+            The window layout and ``query, key, value``, each ``(B * num_windows, w*w, heads, head_dim)``.
+        """
+        layout = self.window_layout(hidden_states, time_token, height, width)
+        return (layout, *time_dependent_qkv(self, window_partition(hidden_states, layout), time_token, layout))
+
+    def project_out(self, attention_output: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
+        """What every processor ends with: ``to_out`` on the ``(B * num_windows, w*w, heads, head_dim)`` attention
+        output, then the windows merged back into ``(B, H*W, C)``."""
+        return window_merge(self.to_out(attention_output.flatten(2)), layout)
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
