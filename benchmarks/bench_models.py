@@ -45,6 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffit_diffusers import DiffiTTransformer2DModel, DiffiTUNet2DModel, load_preset_config
+from diffit_diffusers.training import build_adamw
 from diffit_diffusers.utils import TORCH_DTYPES
 
 
@@ -207,8 +208,9 @@ def forward_fn(model: Callable, case: ModelCase, settings: RunSettings) -> Calla
 
 
 def training_step_fn(model: Callable, case: ModelCase, settings: RunSettings) -> Callable[[], None]:
-    """One optimisation step: forward, MSE against a fixed noise target, backward, AdamW."""
-    optimizer = torch.optim.AdamW(case.model.parameters(), lr=1e-4)
+    """One optimisation step: forward, MSE against a fixed noise target, backward, AdamW as the trainer builds it
+    (torch's fused kernel where the device has one)."""
+    optimizer = build_adamw(case.model.parameters(), settings.device, lr=1e-4)
     target = torch.randn_like(case.inputs[case.sample_argument])
 
     def step():

@@ -29,10 +29,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_median_seconds(
+def interleaved_samples(
     fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time of each function, calling all of them once per round for ``repeats`` rounds.
+) -> dict[str, list[float]]:
+    """Wall time of each function in each of ``repeats`` rounds, every round calling all of them once in turn.
 
     Each function first runs ``warmup`` times (lazy initialisation, allocator growth, compilation).
     """
@@ -47,7 +47,22 @@ def interleaved_median_seconds(
             fn()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def interleaved_median_seconds(
+    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each function over ``interleaved_samples`` rounds."""
+    samples = interleaved_samples(fns, repeats, device, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def median_round_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator``'s time over ``denominator``'s in the same round: a machine that speeds up
+    or slows down between rounds moves both times of a round together, so this ratio drifts less than the ratio of
+    the two medians."""
+    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
 
 
 def cpu_model_name() -> str:

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffit_diffusers import DiffiTPipeline
-from diffit_diffusers.training import DataConfig, TrainingConfig, build_objective, parse_config, train
+from diffit_diffusers.training import DataConfig, TrainingConfig, build_adamw, build_objective, parse_config, train
 from diffit_diffusers.training.cli import main_image
 from diffit_diffusers.training.objectives import LearnedSigmaObjective
 
@@ -160,6 +160,48 @@ def test_unknown_objective_raises():
 
 
 # End-to-end runs ----------------------------------------------------------------------------------------------
+
+
+def _adamw_run(optimizer_factory, steps, state=None):
+    """AdamW steps on a fixed quadratic from a fixed start; returns the parameters and the optimizer state."""
+    torch.manual_seed(0)
+    weight, bias = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(16))
+    frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+    if state is not None:
+        weight.data, bias.data = state["params"]
+    optimizer = optimizer_factory([weight, bias, frozen])
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    inputs = torch.randn(32, 8)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (inputs @ weight.T + bias).square().mean().backward()
+        optimizer.step()
+    return {"params": (weight.detach().clone(), bias.detach().clone()), "optimizer": optimizer.state_dict()}
+
+
+def test_trainer_adamw_is_fused_adamw_and_resumes_default_adamw_state():
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, eps=1e-8)
+    cpu = torch.device("cpu")
+
+    def default(params):
+        return torch.optim.AdamW(params, **hyper)
+
+    def trainers(params):
+        return build_adamw(params, cpu, **hyper)
+
+    reference = _adamw_run(default, 6)
+    fused = _adamw_run(trainers, 6)
+    for ours, theirs in zip(fused["params"], reference["params"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert trainers([torch.nn.Parameter(torch.zeros(1))]).defaults["fused"]  # torch's fused kernel on CPU
+    # A checkpoint written by the default implementation resumes into the trainer's (and back).
+    for first, then in ((default, trainers), (trainers, default)):
+        start = _adamw_run(first, 3)
+        resumed = _adamw_run(then, 3, state=start)
+        for ours, theirs in zip(resumed["params"], reference["params"]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert fused["optimizer"]["state"].keys() == {0, 1}  # the frozen parameter has no state
 
 
 def test_image_training_end_to_end(tmp_path):

@@ -17,7 +17,7 @@ from .data import (
 )
 from .objectives import OBJECTIVES, DDPMObjective, EDMObjective, LearnedSigmaObjective, build_objective
 from .config import TrainingConfig, TrainingOptions, parse_config
-from .trainer import Trainer, train
+from .trainer import Trainer, build_adamw, train
 from .latents import LatentDataset, StreamingLatentDataset, load_latents_dataset, read_latents_info
 from .precompute_latents import LatentCachingOptions, compute_latents_dataset
 
@@ -43,6 +43,7 @@ __all__ = [
     "build_objective",
     "TrainingConfig",
     "TrainingOptions",
+    "build_adamw",
     "parse_config",
     "Trainer",
     "train",

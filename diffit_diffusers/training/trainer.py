@@ -21,6 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from huggingface_hub import constants as hub_constants
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from tqdm.auto import tqdm
 
 from ..dataset_sources import looks_like_local_path
@@ -55,6 +56,18 @@ def has_accelerator() -> bool:
     if current is not None:
         return current() is not None
     return torch.cuda.is_available()
+
+
+def build_adamw(parameters, device: torch.device, **hyperparameters) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` over ``parameters`` as they will be trained on ``device``, with torch's fused kernel
+    where that device has one (one kernel for all tensors instead of a dozen small ops per tensor: 4-6x faster steps
+    on CPU, and on GPU the usual choice); otherwise torch's default implementation. The update is AdamW's either
+    way, and the state dict has the same format, so checkpoints resume across the two."""
+    parameters = list(parameters)
+    fused = device.type in _get_fused_kernels_supported_devices() and all(
+        parameter.is_floating_point() for parameter in parameters if parameter.requires_grad
+    )
+    return torch.optim.AdamW(parameters, fused=fused or None, **hyperparameters)
 
 
 def load_model_config(name_or_path: str) -> dict[str, Any]:
@@ -294,8 +307,9 @@ class Trainer:
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
-        optimizer = torch.optim.AdamW(
+        optimizer = build_adamw(
             model.parameters(),
+            self.accelerator.device,
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
@@ -317,6 +331,7 @@ class Trainer:
                 use_ema_warmup=config.ema_warmup,
                 model_cls=type(self.unwrapped_model),
                 model_config=self.unwrapped_model.config,
+                foreach=True,
             )
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
