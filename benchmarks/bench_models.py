@@ -267,16 +267,26 @@ def profile_forward(model: nn.Module, case: ModelCase, settings: RunSettings) ->
 
 
 def summarize_profile(
-    prof: profile, categories: dict[str, tuple[str, ...]], other: str, use_device_time: bool = False
+    prof: profile,
+    categories: dict[str, tuple[str, ...]],
+    other: str,
+    use_device_time: bool = False,
+    enclosing: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
-    """Op time per category and the most expensive ops of a finished ``torch.profiler`` run."""
+    """Op time per category and the most expensive ops of a finished ``torch.profiler`` run.
+
+    ``enclosing`` maps a category to op names that own everything run inside them (e.g. the matrix products and
+    copies of SDPA's math kernel are attention, not linear layers or layout copies); other ops go by
+    ``profile_category``.
+    """
     totals = dict.fromkeys([*categories, other], 0.0)
     per_op: dict[str, float] = {}
     for event in prof.events():
         self_us = event.self_device_time_total if use_device_time else event.self_cpu_time_total
         if self_us <= 0:
             continue
-        totals[profile_category(event, categories, other)] += self_us
+        owner = enclosing_category(event, enclosing or {})
+        totals[owner or profile_category(event, categories, other)] += self_us
         per_op[event.name] = per_op.get(event.name, 0.0) + self_us
     total = sum(totals.values())
     top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
@@ -286,6 +296,17 @@ def summarize_profile(
         "categories": {name: {"ms": us / 1e3, "share": us / total} for name, us in totals.items()},
         "top_ops": {name: {"ms": us / 1e3, "share": us / total} for name, us in top_ops},
     }
+
+
+def enclosing_category(event, enclosing: dict[str, tuple[str, ...]]) -> str | None:
+    """The category of the outermost op around ``event`` (itself included) whose name has an ``enclosing`` pattern."""
+    found = None
+    while event is not None:
+        for category, patterns in enclosing.items():
+            if any(pattern in event.name for pattern in patterns):
+                found = category
+        event = event.cpu_parent
+    return found
 
 
 def profile_category(event, categories: dict[str, tuple[str, ...]], other: str) -> str:

@@ -56,9 +56,16 @@ TINY_PEER_UNET_CONFIG = dict(
 )
 
 #: Operator kinds of the step profile. An op's self time goes to the first kind whose pattern occurs in its name,
-#: else in its parents' names (nearest first); backward ops are matched through their autograd node names.
+#: else in its parents' names (nearest first); backward ops are matched through their autograd node names. Batched
+#: products only come from attention here (linear layers run ``addmm``/``mm``), so they count as attention too.
 PROFILE_KINDS = {
-    "attention (SDPA forward and backward)": ("scaled_dot_product", "softmax", "SoftmaxBackward"),
+    "attention (SDPA forward and backward)": (
+        "scaled_dot_product",
+        "softmax",
+        "SoftmaxBackward",
+        "aten::bmm",
+        "BmmBackward",
+    ),
     "relative position bias gather and its backward": ("aten::index", "IndexBackward", "index_put"),
     "padding masks": ("masked_fill", "aten::repeat", "RepeatBackward"),
     "window partition/merge and layout copies": (
@@ -78,12 +85,14 @@ PROFILE_KINDS = {
         "StackBackward",
     ),
     "convolutions": ("convolution", "Convolution"),
-    "linear layers": ("addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul", "AddmmBackward", "MmBackward"),
+    "linear layers": ("addmm", "aten::mm", "aten::linear", "aten::matmul", "AddmmBackward", "MmBackward"),
     "norms": ("group_norm", "layer_norm", "GroupNormBackward", "LayerNormBackward"),
     "activations": ("gelu", "silu", "GeluBackward", "SiluBackward"),
     "optimizer (AdamW)": ("Optimizer.step", "_foreach", "adamw"),
 }
 PROFILE_OTHER_KIND = "other (elementwise, concatenation, resampling, embeddings, loss)"
+#: Everything inside an SDPA call (the math kernel's products, scaling, softmax and copies) is attention.
+PROFILE_ENCLOSING_KINDS = {"attention (SDPA forward and backward)": ("scaled_dot_product",)}
 
 
 def tiny_comparison(device: torch.device, batch_size: int, size: int) -> dict[str, ModelCase]:
@@ -114,7 +123,7 @@ def profile_step(step) -> dict[str, Any]:
     """Share of one training step's op time (forward, backward and optimiser) per operator kind."""
     with profile() as prof:
         step()
-    return summarize_profile(prof, PROFILE_KINDS, PROFILE_OTHER_KIND)
+    return summarize_profile(prof, PROFILE_KINDS, PROFILE_OTHER_KIND, enclosing=PROFILE_ENCLOSING_KINDS)
 
 
 def run_pair(name: str, batch_size: int, settings: RunSettings, profile_models: bool) -> dict[str, Any]:
