@@ -86,7 +86,7 @@ def assert_same_batches(first, second):
     for batch_a, batch_b in zip(first, second):
         assert batch_a.keys() == batch_b.keys()
         for key in batch_a:
-            assert torch.equal(batch_a[key], batch_b[key]), key
+            assert batch_a[key].dtype == batch_b[key].dtype and torch.equal(batch_a[key], batch_b[key]), key
 
 
 def test_digits_shapes_ranges_and_labels(tmp_path):
@@ -328,8 +328,9 @@ def test_batches_hold_the_examples_pixels_as_floats(tmp_path, num_workers):
 
 
 def test_workers_refill_a_pixel_buffer_only_once_its_batch_is_released(tmp_path, monkeypatch):
-    """Workers stack pixels into a few shared buffers they reuse: the batches are those of the training process bit
-    for bit, and a buffer whose batch the training process still references is never refilled."""
+    """Workers stack pixels into a few shared buffers they reuse and hand labels over as ints: the batches are those
+    of the training process bit for bit, and a buffer whose batch the training process still references is never
+    refilled."""
     config = make_config(tmp_path, dataset_name="digits", label_column="label", random_flip=True, center_crop=False)
     serial = ResumableLoader(load_training_dataset(config), batch_size=16)
     loader = ResumableLoader(load_training_dataset(config), batch_size=16, num_workers=2)
