@@ -86,7 +86,7 @@ def assert_same_batches(first, second):
     for batch_a, batch_b in zip(first, second):
         assert batch_a.keys() == batch_b.keys()
         for key in batch_a:
-            assert torch.equal(batch_a[key], batch_b[key]), key
+            assert batch_a[key].dtype == batch_b[key].dtype and torch.equal(batch_a[key], batch_b[key]), key
 
 
 def test_digits_shapes_ranges_and_labels(tmp_path):
@@ -325,6 +325,46 @@ def test_batches_hold_the_examples_pixels_as_floats(tmp_path, num_workers):
     assert torch.equal(batch["class_labels"], torch.stack([example["class_labels"] for example in examples]))
     with pytest.raises(ValueError, match="takes uint8 pixels, got torch.float32"):
         normalize_pixels(batch["pixel_values"])
+
+
+def test_workers_refill_a_pixel_buffer_only_once_its_batch_is_released(tmp_path, monkeypatch):
+    """Workers stack pixels into a few shared buffers they reuse and hand labels over as ints: the batches are those
+    of the training process bit for bit, and a buffer whose batch the training process still references is never
+    refilled."""
+    config = make_config(tmp_path, dataset_name="digits", label_column="label", random_flip=True, center_crop=False)
+    serial = ResumableLoader(load_training_dataset(config), batch_size=16)
+    loader = ResumableLoader(load_training_dataset(config), batch_size=16, num_workers=2)
+    buffers = loader._pixel_buffers
+    track, slots, held = buffers.received, [], []
+
+    def received(slot, pixels):
+        slots.append(slot)
+        if len(held) < 3:  # a consumer that keeps the first three uint8 batches
+            held.append((pixels, pixels.clone()))
+        track(slot, pixels)
+
+    monkeypatch.setattr(buffers, "received", received)
+    assert_same_batches(take_batches(loader, 40), take_batches(serial, 40))
+    assert len(slots) == 40  # no fresh segment was needed
+    assert len(set(slots)) < 20  # the buffers were refilled
+    assert all(slots.count(slot) == 1 for slot in slots[:3])  # ... except the ones still held
+    for pixels, original in held:
+        assert torch.equal(pixels, original)
+
+
+def test_pixel_buffers_reach_spawned_workers_with_shared_flags_only():
+    """A worker started with `spawn` unpickles the buffers: the same shared `in_use` flags, none of the state of the
+    training process."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from diffit_diffusers.training.data import _SharedPixelBuffers
+
+    buffers = _SharedPixelBuffers(num_workers=2, slots_per_worker=3)
+    buffers.received((1, 2), torch.zeros(4, dtype=torch.uint8))
+    copy = ForkingPickler.loads(ForkingPickler.dumps(buffers))
+    assert copy._buffers == {} and copy._handed_over == [] and len(buffers._handed_over) == 1
+    copy.in_use[0, 1] = True
+    assert buffers.in_use[0, 1]
 
 
 def test_accelerate_moves_the_batches_to_the_loaders_device(tmp_path):

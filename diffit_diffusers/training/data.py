@@ -28,6 +28,7 @@ import PIL.Image
 import torch
 from accelerate.data_loader import prepare_data_loader
 from datasets.distributed import split_dataset_by_node
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ..dataset_sources import center_crop_box, open_dataset, resize_shorter_side
 from ..utils import seeded_generator
@@ -709,22 +710,107 @@ class _EndlessStream(torch.utils.data.IterableDataset):
         self.dataset.load_state_dict(state_dict)
 
 
+class _SharedPixelBuffers:
+    """Shared-memory pixel batches that each DataLoader worker refills instead of creating a segment per batch.
+
+    `default_collate` stacks every batch of a worker into a fresh shared-memory segment: its pages are faulted in
+    by the worker that fills it and again by the training process that reads it, and unmapped on both sides, which
+    costs more than the copy itself (stacking a 16x3x256x256 uint8 batch takes a worker 3.5 ms instead of 0.9 ms on
+    the 2-core benchmark machine). Here a worker stacks into one of its own buffers instead, and a buffer is refilled
+    only once the training process holds nothing of the batch it carried:
+
+    - `in_use[worker, slot]` lives in shared memory (created here, before the workers start). Only a worker sets
+      an entry of its row, before handing the buffer over; only the training process clears it, once torch's weak
+      reference to the storage of the batch it received has expired (every reference dropped, views included).
+      The shared buffer is only read to build that batch (off the CPU, the pinned or device copy is made from it
+      before the training process gets it), so nothing can read it after that;
+    - a worker without a free buffer (all handed over, or its row filled by batches a restarted worker left
+      undelivered, which are never released) stacks into a fresh segment as before.
+
+    The batches are the ones `collate_examples` builds, bit for bit.
+    """
+
+    def __init__(self, num_workers: int, slots_per_worker: int):
+        self.in_use = torch.zeros(num_workers, slots_per_worker, dtype=torch.bool).share_memory_()
+        self._buffers: dict[int, torch.Tensor] = {}  # a worker's own buffers, by slot
+        self._handed_over: list[tuple[int, int, StorageWeakRef]] = []  # training process: (worker, slot, storage)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A worker started with `spawn` gets the shared flags (the fd travels), no buffers and nothing to track.
+        return {**self.__dict__, "_buffers": {}, "_handed_over": []}
+
+    def stack(self, pixels: list[torch.Tensor]) -> tuple[torch.Tensor, Optional[tuple[int, int]]]:
+        """In a worker: the stacked batch and the `(worker, slot)` it occupies (`None` for a fresh segment)."""
+        worker = torch.utils.data.get_worker_info().id
+        shape = (len(pixels), *pixels[0].shape)
+        for slot in torch.nonzero(~self.in_use[worker]).flatten().tolist():
+            buffer = self._buffers.get(slot)
+            if buffer is None or (buffer.shape == shape and buffer.dtype == pixels[0].dtype):
+                break
+        else:
+            return torch.utils.data.default_collate(pixels), None
+        if buffer is None:
+            buffer = self._buffers[slot] = torch.empty(shape, dtype=pixels[0].dtype).share_memory_()
+        self.in_use[worker, slot] = True
+        return torch.stack(pixels, out=buffer), (worker, slot)
+
+    def received(self, slot: tuple[int, int], pixels: torch.Tensor) -> None:
+        """In the training process: `pixels` was built from the buffer in `slot`; free it once `pixels` is gone."""
+        self._handed_over.append((*slot, StorageWeakRef(pixels.untyped_storage())))
+
+    def release_unused(self) -> None:
+        """In the training process: hands the buffers of every batch no longer referenced back to their workers."""
+        kept = []
+        for worker, slot, storage in self._handed_over:
+            if storage.expired():
+                self.in_use[worker, slot] = False
+            else:
+                kept.append((worker, slot, storage))
+        self._handed_over = kept
+
+
 class _CountingCollate:
     """`collate_examples` plus the number of images the (worker's) dataset skipped since the previous batch (a
-    Python int, which accelerate leaves where it is when it moves the batch to the device)."""
+    Python int, which accelerate leaves where it is when it moves the batch to the device).
 
-    def __init__(self, dataset: _ImageExamples):
+    In a worker (`buffers` given), the batch is laid out for the hand-over instead: pixels in one of the worker's
+    reusable shared buffers (`_SharedPixelBuffers`), with the slot they occupy, and class labels as Python ints,
+    which travel in the pickled batch (a tensor of 16 labels costs a shared-memory segment and a file-descriptor
+    hand-over of its own: 5 ms of the training process per batch on the 2-core benchmark machine).
+    `ResumableLoader.next_batch` turns them back into the batch `collate_examples` builds.
+    """
+
+    def __init__(self, dataset: _ImageExamples, buffers: Optional[_SharedPixelBuffers] = None):
         self.dataset = dataset
+        self.buffers = buffers
         self.reported = 0
 
     def __call__(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        batch = collate_examples(examples)
+        batch = collate_examples(examples) if self.buffers is None else self._for_hand_over(examples)
         batch[_SKIPPED_KEY] = self.dataset.skipped_images - self.reported
         self.reported = self.dataset.skipped_images
         return batch
 
+    def _for_hand_over(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        batch = {}
+        for key in examples[0]:
+            values = [example[key] for example in examples]
+            if key == "pixel_values":
+                batch[key], batch[_BUFFER_KEY] = self.buffers.stack(values)
+            elif key == "class_labels":
+                batch[key] = [int(value) for value in values]
+            else:
+                batch[key] = collate_examples(values)
+        return batch
+
 
 _SKIPPED_KEY = "_skipped_images"
+_BUFFER_KEY = "_pixel_buffer"
+# Batches each DataLoader worker prepares ahead.
+_PREFETCH_FACTOR = 2
+# Reusable pixel buffers per worker: its batches in flight, the one accelerate reads ahead, the one being returned,
+# with room for slots lost to a worker restart. Each is created when first needed.
+_PIXEL_BUFFERS_PER_WORKER = 2 * _PREFETCH_FACTOR + 4
 
 
 class ResumableLoader:
@@ -741,10 +827,13 @@ class ResumableLoader:
     workers, each worker reads its own shards and block-shuffles them. Batches run across epoch boundaries.
 
     Images travel as uint8 and are turned into floats in [-1, 1] on `device` (`normalize_pixels`), so batches are
-    `{"pixel_values": float32 (B, C, H, W), "class_labels": (B,)}` whatever the number of workers. Restoring
-    `state_dict()` (accelerate's stateful loader state, with the settings it is valid for) into a loader built the
-    same way yields exactly the batches that would have followed. The state belongs to one process: with several
-    processes, save and restore each process's state.
+    `{"pixel_values": float32 (B, C, H, W), "class_labels": (B,)}` whatever the number of workers. Each worker
+    stacks pixels into a few shared-memory buffers of its own, refilled once the batch they carried is no longer
+    referenced here, instead of a fresh segment per batch, and sends labels as ints (torch's hand-over of a tensor
+    costs more than decoding a few images; see the "Training faster" guide). Restoring `state_dict()` (accelerate's
+    stateful loader state, with the settings it is valid for) into a loader built the same way yields exactly the
+    batches that would have followed. The state belongs to one process: with several processes, save and restore
+    each process's state.
 
     Attributes:
         skipped_images (`int`): Unreadable images skipped so far to build the batches returned (all workers).
@@ -766,16 +855,18 @@ class ResumableLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.device = device
         self.skipped_images = 0
         # Pinned pages let a GPU copy the next batch while the current step runs.
         pin_memory = device is not None and torch.device(device).type == "cuda"
+        self._pixel_buffers = _SharedPixelBuffers(num_workers, _PIXEL_BUFFERS_PER_WORKER) if num_workers else None
         loader_kwargs = {
             "batch_size": batch_size,
             "num_workers": num_workers,
-            "collate_fn": _CountingCollate(dataset),
+            "collate_fn": _CountingCollate(dataset, self._pixel_buffers),
             "pin_memory": pin_memory,
             "persistent_workers": num_workers > 0,
-            "prefetch_factor": 2 if num_workers > 0 else None,
+            "prefetch_factor": _PREFETCH_FACTOR if num_workers > 0 else None,
             # Its own generator: starting to iterate must not draw from the global RNG that the training
             # objective uses (and checkpoints restore), or a resumed run would see other noise.
             "generator": torch.Generator().manual_seed(dataset.seed),
@@ -805,9 +896,16 @@ class ResumableLoader:
         """The next `{"pixel_values": (B, C, H, W), "class_labels": (B,)}` batch (labels only when labeled)."""
         if self._batches is None:
             self._batches = iter(self.loader)
+        if self._pixel_buffers is not None:
+            self._pixel_buffers.release_unused()
         batch = next(self._batches)
         self._restored_position = None
         self.skipped_images += batch.pop(_SKIPPED_KEY)
+        slot = batch.pop(_BUFFER_KEY, None)
+        if slot is not None:
+            self._pixel_buffers.received(slot, batch["pixel_values"])
+        if isinstance(batch.get("class_labels"), list):  # from a worker
+            batch["class_labels"] = torch.tensor(batch["class_labels"], dtype=torch.long, device=self.device)
         if "pixel_values" in batch:
             batch["pixel_values"] = normalize_pixels(batch["pixel_values"])
         return batch
