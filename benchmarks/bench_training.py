@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device": "cpu",
             "dtype": "float32",
             "repeats": args.repeats,
-            "timing": "interleaved rounds of forward + MSE + backward + AdamW (built as the trainer builds it); step times are medians, speed ratios the median of the per-round ratios",
+            "timing": (
+                "interleaved rounds of forward + MSE + backward + AdamW (built as the trainer builds it); step "
+                "times are medians, speed ratios the median of the per-round ratios"
+            ),
         },
         "pairs": {},
     }
