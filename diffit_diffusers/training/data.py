@@ -186,10 +186,15 @@ class ImageTransform:
         return pixels.permute(2, 0, 1)
 
 
+def _normalize_on_cpu(pixel_values: torch.Tensor) -> torch.Tensor:
+    """`x / 127.5 - 1` in float32, the arithmetic every device's result must equal."""
+    return pixel_values.float().div_(127.5).sub_(1.0)
+
+
 @functools.lru_cache
 def _pixel_levels(device: torch.device) -> torch.Tensor:
     """The float32 value of each of the 256 pixel levels, computed on the CPU, on `device`."""
-    return torch.arange(256, dtype=torch.uint8).float().div_(127.5).sub_(1.0).to(device)
+    return _normalize_on_cpu(torch.arange(256, dtype=torch.uint8)).to(device)
 
 
 def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -202,7 +207,7 @@ def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
     if pixel_values.dtype != torch.uint8:
         raise ValueError(f"`normalize_pixels` takes uint8 pixels, got {pixel_values.dtype}.")
     if pixel_values.device.type == "cpu":
-        return pixel_values.float().div_(127.5).sub_(1.0)
+        return _normalize_on_cpu(pixel_values)
     return _pixel_levels(pixel_values.device)[pixel_values.long()]
 
 
