@@ -276,8 +276,7 @@ def summarize_profile(
     """Op time per category and the most expensive ops of a finished ``torch.profiler`` run.
 
     ``enclosing`` maps a category to op names that own everything run inside them (e.g. the matrix products and
-    copies of SDPA's math kernel are attention, not linear layers or layout copies); other ops go by
-    ``profile_category``.
+    copies of SDPA's math kernel are attention, not linear layers or layout copies); see ``profile_category``.
     """
     totals = dict.fromkeys([*categories, other], 0.0)
     per_op: dict[str, float] = {}
@@ -285,8 +284,7 @@ def summarize_profile(
         self_us = event.self_device_time_total if use_device_time else event.self_cpu_time_total
         if self_us <= 0:
             continue
-        owner = enclosing_category(event, enclosing or {})
-        totals[owner or profile_category(event, categories, other)] += self_us
+        totals[profile_category(event, categories, other, enclosing)] += self_us
         per_op[event.name] = per_op.get(event.name, 0.0) + self_us
     total = sum(totals.values())
     top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]
@@ -298,25 +296,22 @@ def summarize_profile(
     }
 
 
-def enclosing_category(event, enclosing: dict[str, tuple[str, ...]]) -> str | None:
-    """The category of the outermost op around ``event`` (itself included) whose name has an ``enclosing`` pattern."""
-    found = None
-    while event is not None:
-        for category, patterns in enclosing.items():
-            if any(pattern in event.name for pattern in patterns):
-                found = category
-        event = event.cpu_parent
-    return found
+def matching_category(name: str, categories: dict[str, tuple[str, ...]]) -> str | None:
+    """The first category with a pattern that occurs in ``name``."""
+    return next((category for category, patterns in categories.items() if any(p in name for p in patterns)), None)
 
 
-def profile_category(event, categories: dict[str, tuple[str, ...]], other: str) -> str:
-    """The first category with a pattern in the name of ``event``, else of its nearest parent that has one."""
+def profile_category(
+    event, categories: dict[str, tuple[str, ...]], other: str, enclosing: dict[str, tuple[str, ...]] | None = None
+) -> str:
+    """The category of the outermost op around ``event`` (itself included) with an ``enclosing`` pattern; else the
+    first category with a pattern in the name of ``event``, else of its nearest parent that has one."""
+    nearest = outermost = None
     while event is not None:
-        for category, patterns in categories.items():
-            if any(pattern in event.name for pattern in patterns):
-                return category
+        nearest = nearest or matching_category(event.name, categories)
+        outermost = matching_category(event.name, enclosing or {}) or outermost
         event = event.cpu_parent
-    return other
+    return outermost or nearest or other
 
 
 def run_comparison(setup: ComparisonSetup, settings: RunSettings) -> dict[str, Any]:
