@@ -272,11 +272,13 @@ def summarize_profile(
     other: str,
     use_device_time: bool = False,
     enclosing: dict[str, tuple[str, ...]] | None = None,
+    refine: Callable[[Any, str], str] | None = None,
 ) -> dict[str, Any]:
     """Op time per category and the most expensive ops of a finished ``torch.profiler`` run.
 
     ``enclosing`` maps a category to op names that own everything run inside them (e.g. the matrix products and
     copies of SDPA's math kernel are attention, not linear layers or layout copies); see ``profile_category``.
+    ``refine(event, category)`` may move an event to another category (e.g. by its input shapes).
     """
     totals = dict.fromkeys([*categories, other], 0.0)
     per_op: dict[str, float] = {}
@@ -284,7 +286,8 @@ def summarize_profile(
         self_us = event.self_device_time_total if use_device_time else event.self_cpu_time_total
         if self_us <= 0:
             continue
-        totals[profile_category(event, categories, other, enclosing)] += self_us
+        category = profile_category(event, categories, other, enclosing)
+        totals[refine(event, category) if refine else category] += self_us
         per_op[event.name] = per_op.get(event.name, 0.0) + self_us
     total = sum(totals.values())
     top_ops = sorted(per_op.items(), key=lambda item: -item[1])[:12]

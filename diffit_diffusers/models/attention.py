@@ -32,6 +32,8 @@ from diffusers.models.attention_dispatch import (
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from .linear import OneDNNLinear
+
 
 #: Attention backends that accept an additive float ``attn_mask``, which carries the relative position bias.
 MASK_CAPABLE_BACKENDS: tuple[AttentionBackendName, ...] = (
@@ -384,13 +386,13 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         self.pad_to_window = pad_to_window
         self.use_bias = bias
 
-        self.to_q = nn.Linear(dim, dim, bias=bias)
-        self.to_k = nn.Linear(dim, dim, bias=bias)
-        self.to_v = nn.Linear(dim, dim, bias=bias)
-        self.time_to_q = nn.Linear(time_embed_dim, dim, bias=bias)
-        self.time_to_k = nn.Linear(time_embed_dim, dim, bias=bias)
-        self.time_to_v = nn.Linear(time_embed_dim, dim, bias=bias)
-        self.to_out = nn.Linear(dim, dim, bias=out_bias)
+        self.to_q = OneDNNLinear(dim, dim, bias=bias)
+        self.to_k = OneDNNLinear(dim, dim, bias=bias)
+        self.to_v = OneDNNLinear(dim, dim, bias=bias)
+        self.time_to_q = OneDNNLinear(time_embed_dim, dim, bias=bias)
+        self.time_to_k = OneDNNLinear(time_embed_dim, dim, bias=bias)
+        self.time_to_v = OneDNNLinear(time_embed_dim, dim, bias=bias)
+        self.to_out = OneDNNLinear(dim, dim, bias=out_bias)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
@@ -452,10 +454,11 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
             return
         for fused, parts in FUSED_PROJECTIONS.items():
             layers = [getattr(self, part) for part in parts]
-            stacked = nn.Linear(
+            stacked = OneDNNLinear(
                 layers[0].in_features, 3 * self.dim, bias=self.use_bias, device=layers[0].weight.device,
                 dtype=layers[0].weight.dtype,
             )
+            stacked.use_onednn = getattr(layers[0], "use_onednn", stacked.use_onednn)
             stacked.weight.copy_(torch.cat([layer.weight for layer in layers]))
             if self.use_bias:
                 stacked.bias.copy_(torch.cat([layer.bias for layer in layers]))

@@ -8,6 +8,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from .attention import TimeDependentSelfAttention
+from .linear import use_onednn_linears
 from .recompute import ActivationRecomputation, BackwardRecomputation, recomputation_applies
 
 
@@ -51,7 +52,7 @@ class DiffiTTransformerBlock(nn.Module, ActivationRecomputation):
             dim, time_embed_dim, num_attention_heads, window_size, pad_to_window=pad_to_window
         )
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=norm_elementwise_affine, eps=norm_eps)
-        self.ff = FeedForward(dim, mult=mlp_ratio, dropout=dropout, activation_fn=activation_fn)
+        self.ff = use_onednn_linears(FeedForward(dim, mult=mlp_ratio, dropout=dropout, activation_fn=activation_fn))
 
     def forward(self, hidden_states: torch.Tensor, time_token: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """``hidden_states`` ``(B, H*W, C)``, ``time_token`` ``(B, D_t)`` -> ``(B, H*W, C)``."""

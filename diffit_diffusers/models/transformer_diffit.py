@@ -17,6 +17,7 @@ from .cache_support import CacheLayout, DiffiTCacheMixin
 from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
+from .linear import OneDNNLinear, OneDNNLinearMixin
 from .recompute import ActivationRecomputationMixin
 from .transformer_block import DiffiTTransformerBlock
 
@@ -27,6 +28,7 @@ class DiffiTTransformer2DModel(
     DiffiTAttentionMixin,
     DiffiTCacheMixin,
     ActivationRecomputationMixin,
+    OneDNNLinearMixin,
     PresetMixin,
     ModelMixin,
     ConfigMixin,
@@ -168,7 +170,7 @@ class DiffiTTransformer2DModel(
         )
         self.norm_out = nn.LayerNorm(self.inner_dim, elementwise_affine=False, eps=norm_eps)
         self.act_out = nn.SiLU()
-        self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+        self.proj_out = OneDNNLinear(self.inner_dim, patch_size * patch_size * self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:

@@ -29,6 +29,7 @@ from .cache_support import CacheLayout, DiffiTCacheMixin
 from .config_validation import validate_config
 from .denoiser import DenoiserParameterization, DiffiTDenoiserMixin, register_denoiser
 from .embeddings import PRECISION_SENSITIVE_MODULES, DiffiTTimeEmbedding, broadcast_timestep
+from .linear import OneDNNLinearMixin
 from .recompute import ActivationRecomputationMixin
 from .resblock import DiffiTResBlock
 
@@ -158,6 +159,7 @@ class DiffiTUNet2DModel(
     DiffiTAttentionMixin,
     DiffiTCacheMixin,
     ActivationRecomputationMixin,
+    OneDNNLinearMixin,
     PresetMixin,
     ModelMixin,
     ConfigMixin,

@@ -1,0 +1,118 @@
+"""Token-wise linear layers whose large float32 CPU products run on oneDNN's convolution kernels.
+
+PyTorch multiplies float32 matrices on the CPU with MKL's ``sgemm``. On AMD CPUs MKL takes a code path that uses
+about half of what AVX-512 cores can do: on this project's AMD EPYC machine a ``(2048, 384) x (384, 1536)`` product
+runs at ~95 GFLOP/s through ``F.linear`` and at ~205 GFLOP/s as a oneDNN 1x1 convolution
+(``benchmarks/bench_linear.py``). A linear layer over tokens *is* a 1x1 convolution over the channels, so
+``OneDNNLinear`` computes ``y = x W^T + b`` as one: the ``M`` rows of ``x`` are viewed, without a copy, as a
+channels-last batch of ``M / 64`` maps of ``1 x 64`` pixels, the layout for which oneDNN picks its JIT kernels (a
+batch of fewer than 16 maps falls back to a GEMM-based convolution that is no faster than MKL). Outputs and gradients
+equal ``nn.Linear``'s up to float32 rounding.
+
+The convolution runs only where it was measured to pay: float32 on the CPU, on an AMD x86-64 CPU with PyTorch's MKL
+and oneDNN, for at least 1024 rows (a multiple of 64) and 4M multiply-adds per product, outside autocast and
+``torch.compile`` (whose code generation picks its own kernels), with an unquantized weight. Everything else, and every
+layer after ``disable_onednn_linears()``, runs ``nn.Linear.forward``. On Intel CPUs MKL takes its AVX-512 path; the
+layers stay on ``nn.Linear`` there unless ``enable_onednn_linears()`` is called.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+#: Rows of ``x`` per 1 x ``ROWS_PER_MAP`` map of the convolution.
+ROWS_PER_MAP = 64
+#: Fewest rows (``16`` maps) for which oneDNN runs its JIT kernels rather than a GEMM-based convolution.
+MIN_ROWS = 16 * ROWS_PER_MAP
+#: Fewest multiply-adds per product for which the convolution beats MKL (``2048 x 32 x 32`` does not).
+MIN_MULTIPLY_ADDS = 1 << 22
+
+
+def onednn_outruns_mkl() -> bool:
+    """Whether this machine is one where oneDNN's float32 kernels outrun PyTorch's MKL products: an AMD x86-64 CPU
+    with a PyTorch built with both libraries."""
+    if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+class OneDNNLinear(nn.Linear):
+    """``nn.Linear`` over the last dimension of ``(..., in_features)`` tokens; large float32 CPU products run as a
+    oneDNN 1x1 convolution (see the module docstring), everything else as ``nn.Linear``.
+
+    It is an ``nn.Linear`` with the same parameters, so state dicts, PEFT's LoRA layers and quantizers treat it as one.
+    """
+
+    #: Whether large CPU products may run on oneDNN; on by default where oneDNN outruns MKL.
+    use_onednn: bool = onednn_outruns_mkl()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "OneDNNLinear":
+        """An ``OneDNNLinear`` holding ``linear``'s parameters (shared, not copied)."""
+        layer = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.runs_on_onednn(hidden_states):
+            return F.linear(hidden_states, self.weight, self.bias)
+        rows = hidden_states.numel() // self.in_features
+        maps = hidden_states.reshape(rows // ROWS_PER_MAP, 1, ROWS_PER_MAP, self.in_features).permute(0, 3, 1, 2)
+        out = F.conv2d(maps, self.weight.view(self.out_features, self.in_features, 1, 1), self.bias)
+        return out.permute(0, 2, 3, 1).reshape(*hidden_states.shape[:-1], self.out_features)
+
+    def runs_on_onednn(self, hidden_states: torch.Tensor) -> bool:
+        """Whether ``forward(hidden_states)`` runs as a oneDNN convolution."""
+        if not self.use_onednn or torch.compiler.is_compiling() or hidden_states.shape[-1:] != (self.in_features,):
+            return False
+        rows = hidden_states.numel() // self.in_features
+        return (
+            rows >= MIN_ROWS  # first: most small products (sampling, time tokens) stop here
+            and rows % ROWS_PER_MAP == 0
+            and rows * self.in_features * self.out_features >= MIN_MULTIPLY_ADDS
+            and hidden_states.device.type == "cpu"
+            and hidden_states.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and type(self.weight.data) is torch.Tensor  # not a quantized tensor subclass
+            and not torch.is_autocast_enabled("cpu")
+        )
+
+
+def use_onednn_linears(module: nn.Module) -> nn.Module:
+    """Replace every plain ``nn.Linear`` inside ``module`` (e.g. diffusers' ``FeedForward``) by an ``OneDNNLinear``
+    holding the same parameters; returns ``module``."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, OneDNNLinear.from_linear(child))
+        else:
+            use_onednn_linears(child)
+    return module
+
+
+class OneDNNLinearMixin:
+    """``enable_onednn_linears`` / ``disable_onednn_linears`` for a DiffiT model."""
+
+    def enable_onednn_linears(self) -> None:
+        """Run the large float32 CPU products of every ``OneDNNLinear`` as oneDNN convolutions (the default on AMD
+        x86-64 CPUs)."""
+        self._set_onednn_linears(True)
+
+    def disable_onednn_linears(self) -> None:
+        """Run every linear layer as ``nn.Linear`` (PyTorch's MKL product on the CPU)."""
+        self._set_onednn_linears(False)
+
+    def _set_onednn_linears(self, enabled: bool) -> None:
+        for module in self.modules():
+            if isinstance(module, OneDNNLinear):
+                module.use_onednn = enabled
