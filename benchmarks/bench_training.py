@@ -12,7 +12,8 @@ Pairs (``--pairs``):
 
 For every model: the median step time over interleaved rounds (see ``harness.py``), the peak working memory of one
 step (activations, saved tensors, gradients, optimiser temporaries on top of weights, inputs and AdamW state), and a
-profile of one step's op time by operator kind (forward and backward together). Ratios are DiffiT / peer.
+profile of a step's op time by operator kind (forward and backward together; the fastest of three profiled steps).
+Ratios are DiffiT / peer.
 
 DiffiT runs as users get it: on CPUs where oneDNN outruns PyTorch's MKL products its large linear layers are oneDNN
 convolutions (``diffit_diffusers.models.linear``). ``--disable_onednn_linears`` runs them as ``nn.Linear``, the kernels
