@@ -64,7 +64,7 @@ def test_onednn_product_equals_linear(shape, bias):
         (torch.randn(8, 48), "too few rows"),
         (torch.randn(1000, 2, 48), "rows not a multiple of 64"),
         (torch.randn(2048, 48, dtype=torch.bfloat16), "not float32"),
-        (torch.randn(16, 16, 48), "too few rows"),
+        (torch.randn(16, 64, 48), "fewer than 4M multiply-adds (1024 x 48 x 80)"),
     ],
 )
 def test_other_products_run_as_linear(inputs, why):
