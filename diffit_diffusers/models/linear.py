@@ -74,11 +74,13 @@ class OneDNNLinear(nn.Linear):
 
     def runs_on_onednn(self, hidden_states: torch.Tensor) -> bool:
         """Whether ``forward(hidden_states)`` runs as a oneDNN convolution."""
-        if not self.use_onednn or torch.compiler.is_compiling() or hidden_states.shape[-1:] != (self.in_features,):
+        # Cheapest tests first: most small products (sampling, time tokens) stop at the size.
+        if not self.use_onednn or hidden_states.numel() < MIN_ROWS * self.in_features:
             return False
         rows = hidden_states.numel() // self.in_features
         return (
-            rows >= MIN_ROWS  # first: most small products (sampling, time tokens) stop here
+            not torch.compiler.is_compiling()
+            and hidden_states.shape[-1] == self.in_features
             and rows % ROWS_PER_MAP == 0
             and rows * self.in_features * self.out_features >= MIN_MULTIPLY_ADDS
             and hidden_states.device.type == "cpu"
