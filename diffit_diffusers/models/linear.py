@@ -41,10 +41,11 @@ def onednn_outruns_mkl() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in cpuinfo)
+        with open("/proc/cpuinfo") as cpuinfo:  # the first processor's vendor line is enough
+            vendor = next((line for line in cpuinfo if line.startswith("vendor_id")), "")
     except OSError:
         return False
+    return "AuthenticAMD" in vendor
 
 
 class OneDNNLinear(nn.Linear):
