@@ -75,12 +75,12 @@ class OneDNNLinear(nn.Linear):
 
     def runs_on_onednn(self, hidden_states: torch.Tensor) -> bool:
         """Whether ``forward(hidden_states)`` runs as a oneDNN convolution."""
-        # Cheapest tests first: most small products (sampling, time tokens) stop at the size.
-        if not self.use_onednn or hidden_states.numel() < MIN_ROWS * self.in_features:
+        if not self.use_onednn:
             return False
         rows = hidden_states.numel() // self.in_features
         return (
-            not torch.compiler.is_compiling()
+            rows >= MIN_ROWS  # first: most small products (sampling, time tokens) stop here
+            and not torch.compiler.is_compiling()
             and hidden_states.shape[-1] == self.in_features
             and rows % ROWS_PER_MAP == 0
             and rows * self.in_features * self.out_features >= MIN_MULTIPLY_ADDS
