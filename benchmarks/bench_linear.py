@@ -62,12 +62,13 @@ def measure(rows: int, in_features: int, out_features: int, repeats: int) -> dic
                            "runs_on_onednn": layer.runs_on_onednn(inputs)}
     for name, make, flops in (("forward", forward, 2), ("forward_backward", training, 6)):
         samples = interleaved_samples({"linear": make(reference), "onednn": make(layer)}, repeats, torch.device("cpu"), 3)
+        linear_s, onednn_s = statistics.median(samples["linear"]), statistics.median(samples["onednn"])
         total = flops * rows * in_features * out_features
         row[name] = {
-            "linear_ms": statistics.median(samples["linear"]) * 1e3,
-            "onednn_linear_ms": statistics.median(samples["onednn"]) * 1e3,
-            "linear_gflops": total / statistics.median(samples["linear"]) / 1e9,
-            "onednn_linear_gflops": total / statistics.median(samples["onednn"]) / 1e9,
+            "linear_ms": linear_s * 1e3,
+            "onednn_linear_ms": onednn_s * 1e3,
+            "linear_gflops": total / linear_s / 1e9,
+            "onednn_linear_gflops": total / onednn_s / 1e9,
             "speedup": median_round_ratio(samples, "linear", "onednn"),
         }
     return row
