@@ -114,6 +114,25 @@ def test_onednn_only_by_default_on_amd_x86(monkeypatch):
     assert not linear_module.onednn_outruns_mkl()
 
 
+@pytest.mark.parametrize(
+    "vendor, flags, expected",
+    [
+        ("AuthenticAMD", "fpu sse2 avx2 avx512f avx512bw", True),  # Zen 4 / Zen 5
+        ("AuthenticAMD", "fpu sse2 avx2 fma", False),  # Zen 3: MKL's AVX2 products are faster
+        ("GenuineIntel", "fpu sse2 avx2 avx512f avx512bw", False),  # MKL takes its AVX-512 path
+    ],
+)
+def test_onednn_by_default_only_on_amd_cpus_with_avx512(tmp_path, monkeypatch, vendor, flags, expected):
+    if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
+        pytest.skip("needs a PyTorch built with MKL and oneDNN")
+    monkeypatch.setattr(linear_module.platform, "machine", lambda: "x86_64")
+    processor = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\nflags\t\t: {flags}\n\n"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(processor + processor.replace(": 0", ": 1"))
+    assert linear_module.onednn_outruns_mkl(str(cpuinfo)) is expected
+    assert linear_module.onednn_outruns_mkl(str(tmp_path / "missing")) is False
+
+
 def unet_case():
     torch.manual_seed(0)
     model = DiffiTUNet2DModel.from_preset("tiny")
