@@ -39,7 +39,7 @@ def onednn_outruns_mkl(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
     with AVX-512 (Zen 4 and later) and a PyTorch built with both libraries.
 
     On AMD CPUs without AVX-512 (Zen 3: AVX2) MKL's AVX2 products are the faster ones (``OneDNNLinear`` measured at
-    0.75-0.95x of ``nn.Linear`` there).
+    0.75-0.93x of ``nn.Linear`` in forward + backward there).
     """
     if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
         return False
