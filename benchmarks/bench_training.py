@@ -68,6 +68,7 @@ TINY_PEER_UNET_CONFIG = dict(
 PROFILE_KINDS = {
     "attention (SDPA forward and backward)": (
         "scaled_dot_product",
+        "BiasedWindowAttention",
         "softmax",
         "SoftmaxBackward",
         "aten::bmm",
@@ -98,8 +99,10 @@ PROFILE_KINDS = {
     "optimizer (AdamW)": ("Optimizer.step", "_foreach", "adamw"),
 }
 PROFILE_OTHER_KIND = "other (elementwise, concatenation, resampling, embeddings, loss)"
-#: Everything inside an SDPA call (the math kernel's products, scaling, softmax and copies) is attention.
-PROFILE_ENCLOSING_KINDS = {"attention (SDPA forward and backward)": ("scaled_dot_product",)}
+#: Everything inside an SDPA call (the math kernel's products, scaling, softmax and copies) or inside TMSA's CPU
+#: training attention (``BiasedWindowAttention`` and its backward, ``diffit_diffusers.models.biased_attention``) is
+#: attention.
+PROFILE_ENCLOSING_KINDS = {"attention (SDPA forward and backward)": ("scaled_dot_product", "BiasedWindowAttention")}
 
 
 def tiny_comparison(device: torch.device, batch_size: int, size: int) -> dict[str, ModelCase]:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from diffusers.models.attention_dispatch import attention_backend
 
 from diffit_diffusers import (
     DiffiTTransformer2DModel,
@@ -333,3 +334,76 @@ def test_flex_processor_refuses_cpu_training_with_a_clear_error():
         model(x, 3, labels)
     model.set_attention_backend("native")
     assert model(x, 3, labels).sample.requires_grad
+
+
+# --- CPU training through the fused kernel -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_biased_window_attention_gradients_pass_gradcheck(padded):
+    from diffit_diffusers.models.biased_attention import biased_window_attention
+
+    torch.manual_seed(0)
+    images, windows, tokens, heads, head_dim = 2, 3, 4, 2, 3
+    q, k, v = (torch.randn(images * windows, tokens, heads, head_dim, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(heads, tokens, tokens, dtype=torch.float64)
+    key_padding = None
+    if padded:  # the last window of every image has two padded keys
+        key_padding = torch.zeros(windows, 1, 1, tokens, dtype=torch.float64)
+        key_padding[-1, ..., 2:] = float("-inf")
+    inputs = tuple(t.requires_grad_() for t in (q, k, v, bias))
+
+    def attention(q, k, v, bias):
+        return biased_window_attention(q, k, v, bias, head_dim**-0.5, key_padding)
+
+    assert torch.autograd.gradcheck(attention, inputs)
+    # Against softmax(Q K^T * scale + B + padding) V written out.
+    scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) * head_dim**-0.5 + bias
+    if padded:
+        scores = (scores.unflatten(0, (images, windows)) + key_padding).flatten(0, 1)
+    expected = (scores.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(attention(*inputs), expected)
+    if padded:  # padded keys get no attention and pass no gradient to their values
+        attention(*inputs).sum().backward()
+        assert v.grad.unflatten(0, (images, windows))[:, -1, 2:].abs().max() == 0
+
+
+def attention_kernels_in_training(model, inputs) -> set[str]:
+    """The SDPA kernels (not the dispatching ``aten::scaled_dot_product_attention``) of a training step."""
+    with torch.profiler.profile() as prof:
+        model(*inputs).sample.sum().backward()
+    return {e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}
+
+
+@pytest.mark.parametrize("build, inputs", [
+    (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))),
+    (tiny_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None)),  # unpadded 16x16 and 8x8
+    (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None)),  # padded 12x12 and 6x6
+], ids=["transformer", "unet", "unet-padded"])
+def test_cpu_training_runs_the_fused_kernel_with_the_math_kernels_gradients(build, inputs):
+    model = build().eval()  # no label dropout
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    x, t, y = inputs()
+    target = torch.randn_like(x)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, y).sample
+        torch.nn.functional.mse_loss(out[:, : x.shape[1]], target).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert attention_kernels_in_training(model, (x, t, y)) == {"aten::_scaled_dot_product_flash_attention_for_cpu"}
+    out, grads = loss_and_grads()
+    with attention_backend("_native_math"):
+        assert attention_kernels_in_training(model, (x, t, y)) == {"aten::_scaled_dot_product_attention_math"}
+        expected, expected_grads = loss_and_grads()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    assert any("relative_position_bias_table" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # PyTorch's own kernel choice is respected: with the fused kernel switched off, SDPA's math kernel runs.
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        assert attention_kernels_in_training(model, (x, t, y)) == {"aten::_scaled_dot_product_attention_math"}
+        torch.testing.assert_close(loss_and_grads()[1], grads, atol=1e-5, rtol=1e-4)

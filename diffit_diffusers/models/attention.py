@@ -32,6 +32,7 @@ from diffusers.models.attention_dispatch import (
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from .biased_attention import attention_mask, biased_window_attention, fused_cpu_training_applies
 from .linear import OneDNNLinear
 
 
@@ -188,7 +189,10 @@ def add_time_term(spatial: torch.Tensor, temporal: torch.Tensor) -> torch.Tensor
 class TimeDependentAttnProcessor:
     """Default TMSA processor: Eq. 3-6 with scaled dot-product attention through ``dispatch_attention_fn``.
 
-    The relative position bias (plus ``-inf`` on padded keys) goes in as an additive ``attn_mask``.
+    The relative position bias (plus ``-inf`` on padded keys) goes in as an additive ``attn_mask``. Training on CPU
+    with the ``native`` backend runs ``biased_window_attention`` instead, PyTorch's fused kernel with a backward that
+    returns the bias gradient, where SDPA would fall back to its math kernel (see
+    :mod:`diffit_diffusers.models.biased_attention`).
     """
 
     _attention_backend = None
@@ -206,17 +210,19 @@ class TimeDependentAttnProcessor:
         layout, query, key, value = attn.windowed_qkv(hidden_states, time_token, height, width)  # Eq. 3-5
 
         # Eq. 6's B, one (heads, N, N) bias for every window; padded keys get -inf.
-        attn_mask = attn.relative_position_bias().to(query.dtype).unsqueeze(0)
-        if layout.is_padded:
-            per_window = attn_mask + padding_mask(layout, query.dtype, query.device)  # (nW, heads, N, N)
-            attn_mask = per_window.repeat(layout.batch_size, 1, 1, 1)
+        bias = attn.relative_position_bias().to(query.dtype)
+        key_padding = padding_mask(layout, query.dtype, query.device) if layout.is_padded else None
+        backend = self._attention_backend or _AttentionBackendRegistry._active_backend
+        if backend == AttentionBackendName.NATIVE and fused_cpu_training_applies(query, bias):
+            out = biased_window_attention(query, key, value, bias, attn.scale, key_padding)  # Eq. 6
+            return attn.project_out(out, layout)
 
         # Eq. 6: softmax(Q K^T / sqrt(d) + B) V
         out = dispatch_attention_fn(
             query,
             key,
             value,
-            attn_mask=attn_mask,
+            attn_mask=attention_mask(bias, key_padding, layout.batch_size),
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
         )
