@@ -196,13 +196,13 @@ def test_backend_check_rejects_maskless_backends_at_call_time():
 # --- QKV fusion (diffusers' AttentionModuleMixin contract) and checkpoints with fused projections -----------------
 
 
-def tiny_unet():
+def tiny_unet(attention_head_dim=8):
     from diffit_diffusers import DiffiTUNet2DModel
 
     torch.manual_seed(0)
     model = DiffiTUNet2DModel(
         in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1, window_size=4,
-        attention_head_dim=8, norm_num_groups=4, time_embed_dim=32, mid_block_layers=1,
+        attention_head_dim=attention_head_dim, norm_num_groups=4, time_embed_dim=32, mid_block_layers=1,
     )
     torch.nn.init.normal_(model.conv_out.weight, std=0.1)
     return model
@@ -339,12 +339,13 @@ def test_flex_processor_refuses_cpu_training_with_a_clear_error():
 # --- CPU training through the fused kernel -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("head_dim", [3, 4], ids=["fused-kernel", "kept-probabilities"])  # 4 tokens per window
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-def test_biased_window_attention_gradients_pass_gradcheck(padded):
+def test_biased_window_attention_gradients_pass_gradcheck(padded, head_dim):
     from diffit_diffusers.models.biased_attention import biased_window_attention
 
     torch.manual_seed(0)
-    images, windows, tokens, heads, head_dim = 2, 3, 4, 2, 3
+    images, windows, tokens, heads = 2, 3, 4, 2
     q, k, v = (torch.randn(images * windows, tokens, heads, head_dim, dtype=torch.float64) for _ in range(3))
     bias = torch.randn(heads, tokens, tokens, dtype=torch.float64)
     key_padding = None
@@ -375,12 +376,18 @@ def attention_kernels_in_training(model, inputs) -> set[str]:
     return {e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}
 
 
-@pytest.mark.parametrize("build, inputs", [
-    (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))),
-    (tiny_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None)),  # unpadded 16x16 and 8x8
-    (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None)),  # padded 12x12 and 6x6
-], ids=["transformer", "unet", "unet-padded"])
-def test_cpu_training_runs_the_fused_kernel_with_the_math_kernels_gradients(build, inputs):
+FUSED_KERNEL = {"aten::_scaled_dot_product_flash_attention_for_cpu"}
+
+
+@pytest.mark.parametrize("build, inputs, kernels", [
+    (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])), FUSED_KERNEL),
+    # 16-token windows, 8-wide heads: the fused kernel; 16-wide heads: probabilities kept, no SDPA kernel at all.
+    (tiny_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None), FUSED_KERNEL),
+    (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None), FUSED_KERNEL),
+    (lambda: tiny_unet(attention_head_dim=16), lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None), set()),
+    (lambda: tiny_unet(attention_head_dim=16), lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None), set()),
+], ids=["transformer", "unet", "unet-padded", "unet-kept-probabilities", "unet-kept-probabilities-padded"])
+def test_cpu_training_matches_the_math_kernels_gradients(build, inputs, kernels):
     model = build().eval()  # no label dropout
     for p in model.parameters():
         p.data.normal_(0, 0.1)
@@ -393,7 +400,7 @@ def test_cpu_training_runs_the_fused_kernel_with_the_math_kernels_gradients(buil
         torch.nn.functional.mse_loss(out[:, : x.shape[1]], target).backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    assert attention_kernels_in_training(model, (x, t, y)) == {"aten::_scaled_dot_product_flash_attention_for_cpu"}
+    assert attention_kernels_in_training(model, (x, t, y)) == kernels
     out, grads = loss_and_grads()
     with attention_backend("_native_math"):
         assert attention_kernels_in_training(model, (x, t, y)) == {"aten::_scaled_dot_product_attention_math"}

@@ -190,9 +190,8 @@ class TimeDependentAttnProcessor:
     """Default TMSA processor: Eq. 3-6 with scaled dot-product attention through ``dispatch_attention_fn``.
 
     The relative position bias (plus ``-inf`` on padded keys) goes in as an additive ``attn_mask``. Training on CPU
-    with the ``native`` backend runs ``biased_window_attention`` instead, PyTorch's fused kernel with a backward that
-    returns the bias gradient, where SDPA would fall back to its math kernel (see
-    :mod:`diffit_diffusers.models.biased_attention`).
+    with the ``native`` backend runs ``biased_window_attention`` instead, one autograd node with the bias gradient,
+    where SDPA would fall back to its math kernel (see :mod:`diffit_diffusers.models.biased_attention`).
     """
 
     _attention_backend = None

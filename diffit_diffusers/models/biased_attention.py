@@ -1,17 +1,19 @@
-"""Windowed attention with a learned additive bias, trained on CPU through PyTorch's fused kernel (DiffiT Eq. 6).
+"""Windowed attention with a learned additive bias for CPU training, with its backward (DiffiT Eq. 6).
 
-PyTorch's CPU ``scaled_dot_product_attention`` runs its fused (flash) kernel only while the mask needs no gradient.
-DiffiT's relative position bias does need one in training, which sends SDPA to its math kernel: the probabilities of
-every window are materialised, saved and back-propagated op by op. ``biased_window_attention`` keeps the fused
-kernel for the forward, which saves only the output ``O`` and the log-sum-exp ``lse`` of every score row, and its
-backward recomputes the probabilities once and returns the bias gradient with the others:
+PyTorch's CPU ``scaled_dot_product_attention`` runs a fused kernel only while the mask needs no gradient. DiffiT's
+relative position bias does need one in training, which sends SDPA to its math kernel, a dozen separate ops per
+call with their own saved tensors. ``biased_window_attention`` computes the same attention and its gradients in one
+autograd node, in one of two ways:
 
-    P  = exp(Q K^T * scale + B - lse)                        (the forward's softmax, Eq. 6)
-    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dO * O))
+- windows of at most ``head_dim`` tokens (the U-Net's 4x4 windows), where the probabilities are no larger than the
+  query: the scores and softmax are computed directly and the probabilities ``P`` are kept for backward;
+- larger windows (the latent models' global attention): PyTorch's fused flash kernel, which keeps only the output
+  ``O`` and the log-sum-exp ``lse`` of every score row; backward recomputes ``P = exp(S - lse)`` once.
+
+Either way ``S = Q K^T * scale + B (+ padding)`` and the backward is
+
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(P * dP)),   rowsum(P * dP) = rowsum(dO * O)
     dQ = dS K * scale,   dK = dS^T Q * scale,   dB = sum of dS over all windows
-
-Only the fused kernel's tensors are kept (no ``(windows, heads, N, N)`` probabilities), so training also needs less
-memory than through the math kernel.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from __future__ import annotations
 import torch
 
 
-#: Dtypes whose fused CPU kernel and recomputed backward agree with the math kernel to the dtype's rounding.
+#: Dtypes in which both ways agree with SDPA's math kernel to the dtype's rounding (float32 measured, float64 tested).
 FUSED_CPU_TRAINING_DTYPES = (torch.float32, torch.float64)
 
 
 def fused_cpu_training_applies(query: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether ``biased_window_attention`` should replace SDPA: a CPU forward whose bias needs a gradient, in a
-    dtype of ``FUSED_CPU_TRAINING_DTYPES``, with the fused kernel allowed (``torch.nn.attention.sdpa_kernel``) and
-    not under ``torch.compile`` (which traces SDPA itself)."""
+    dtype of ``FUSED_CPU_TRAINING_DTYPES``, not under ``torch.compile`` (which traces SDPA itself), and with SDPA's
+    flash kernel allowed (so ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` still gets the math kernel)."""
     return (
         not torch.compiler.is_compiling()
         and query.device.type == "cpu"
@@ -38,43 +40,68 @@ def fused_cpu_training_applies(query: torch.Tensor, bias: torch.Tensor) -> bool:
 
 
 def attention_mask(bias: torch.Tensor, key_padding: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-    """The additive mask of the fused kernel: ``(1, heads, N, N)`` bias, or with ``key_padding`` ``(nW, 1, 1, N)``
-    the per-window ``bias + padding`` repeated for every image, ``(B * nW, heads, N, N)``."""
+    """The additive mask of SDPA: ``(1, heads, N, N)`` bias, or with ``key_padding`` ``(nW, 1, 1, N)`` the
+    per-window ``bias + padding`` repeated for every image, ``(B * nW, heads, N, N)``."""
     if key_padding is None:
         return bias.unsqueeze(0)
     return (bias + key_padding).repeat(batch_size, 1, 1, 1)
 
 
+def scaled_contiguous(query: torch.Tensor, scale: float) -> torch.Tensor:
+    """``query * scale`` as a new contiguous tensor (one pass; the batched products then copy nothing)."""
+    return torch.mul(query, scale, out=torch.empty(query.shape, dtype=query.dtype, device=query.device))
+
+
+def window_scores(
+    scaled_query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, key_padding: torch.Tensor | None
+) -> torch.Tensor:
+    """``S = Q K^T * scale + B`` (plus ``-inf`` on padded keys), ``(B * nW, heads, N, N)``, from ``Q * scale``."""
+    scores = torch.matmul(scaled_query, key.transpose(-2, -1)).add_(bias)
+    if key_padding is not None:
+        scores.unflatten(0, (-1, key_padding.shape[0])).add_(key_padding)
+    return scores
+
+
 class BiasedWindowAttention(torch.autograd.Function):
-    """``softmax(Q K^T * scale + B + padding) V`` with gradients for ``Q``, ``K``, ``V`` and ``B`` (see module)."""
+    """``softmax(Q K^T * scale + B + padding) V`` with gradients for ``Q``, ``K``, ``V`` and ``B`` (see module).
+
+    ``query``, ``key``, ``value``: ``(B * nW, heads, N, head_dim)``; ``bias``: ``(heads, N, N)``; ``key_padding``:
+    ``(nW, 1, 1, N)`` or ``None``.
+    """
 
     @staticmethod
     def forward(ctx, query, key, value, bias, key_padding, scale):
+        ctx.scale = scale
+        ctx.keeps_probabilities = query.shape[-2] <= query.shape[-1]
+        if ctx.keeps_probabilities:
+            query, key, value = scaled_contiguous(query, scale), key.contiguous(), value.contiguous()
+            probs = window_scores(query, key, bias, key_padding).softmax(dim=-1)
+            ctx.save_for_backward(query, key, value, probs)
+            return torch.matmul(probs, value)
         batch_size = query.shape[0] // (1 if key_padding is None else key_padding.shape[0])
-        mask = attention_mask(bias.detach(), key_padding, batch_size)
         out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=mask, scale=scale
+            query, key, value, 0.0, False, attn_mask=attention_mask(bias, key_padding, batch_size), scale=scale
         )
         ctx.save_for_backward(query, key, value, bias, key_padding, out, logsumexp)
-        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, bias, key_padding, out, logsumexp = ctx.saved_tensors
-        scale = ctx.scale
-        # Contiguous operands once, so that none of the batched products below copies its own.
-        query = torch.mul(query, scale, out=torch.empty(query.shape, dtype=query.dtype, device=query.device))
-        key, value, grad_out = (t.contiguous() for t in (key, value, grad_out))
-        scores = torch.matmul(query, key.transpose(-2, -1)).add_(bias)  # (B*nW, heads, N, N)
-        if key_padding is not None:
-            scores.unflatten(0, (-1, key_padding.shape[0])).add_(key_padding)
-        probs = scores.sub_(logsumexp.unsqueeze(-1)).exp_()  # P, recomputed from the forward's lse
-        grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
-        row_terms = (grad_out * out).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
-        grad_scores = probs.mul_(torch.matmul(grad_out, value.transpose(-2, -1)).sub_(row_terms))  # dS
-        grad_query = torch.matmul(grad_scores, key).mul_(scale)
-        grad_key = torch.matmul(grad_scores.transpose(-2, -1), query)  # query holds Q * scale
+        grad_out = grad_out.contiguous()
+        if ctx.keeps_probabilities:
+            query, key, value, probs = ctx.saved_tensors  # query holds Q * scale
+            grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
+            grad_probs = torch.matmul(grad_out, value.transpose(-2, -1))
+            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        else:
+            query, key, value, bias, key_padding, out, logsumexp = ctx.saved_tensors
+            query, key, value = scaled_contiguous(query, ctx.scale), key.contiguous(), value.contiguous()
+            probs = window_scores(query, key, bias, key_padding).sub_(logsumexp.unsqueeze(-1)).exp_()
+            grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
+            row_terms = (grad_out * out).sum(-1, keepdim=True)  # rowsum(P * dP)
+            grad_scores = probs.mul_(torch.matmul(grad_out, value.transpose(-2, -1)).sub_(row_terms))
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
+        grad_key = torch.matmul(grad_scores.transpose(-2, -1), query)
         grad_bias = grad_scores.sum(0) if ctx.needs_input_grad[3] else None
         return grad_query, grad_key, grad_value, grad_bias, None, None
 
