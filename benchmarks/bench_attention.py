@@ -12,6 +12,8 @@ Prints one JSON object (and writes it to ``--output`` if given). Every timing is
   runs them (one small matmul per block) against one matmul with every block's weights concatenated, with the
   concatenation prepared beforehand (the best case for batching) and done per call.
 - ``sdpa_kernels``: which attention kernels ``torch.profiler`` sees in inference and training forwards of TMSA layers.
+- ``training_attention``: forward + backward of TMSA layers of the shipped models as the default processor trains them
+  (on a CPU, ``biased_window_attention``) against SDPA's math kernel.
 
     python benchmarks/bench_attention.py --output benchmarks/results/cpu-attention.json
 """
@@ -20,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
-from harness import interleaved_median_seconds, machine_info, write_report
+from diffusers.models.attention_dispatch import attention_backend
+from harness import interleaved_median_seconds, interleaved_samples, machine_info, median_round_ratio, write_report
 
 from diffit_diffusers import (
     TimeDependentExplicitAttnProcessor,
@@ -90,14 +94,19 @@ def bench_tmsa_forward(width_name: str, grid: int, args: argparse.Namespace) -> 
     }
 
 
+#: TMSA layers of the shipped models: (name, width, heads, grid side, window side).
+MODEL_LAYERS = (
+    ("latent S/2 layer, global 16x16 window", 384, 6, 16, 16),
+    ("U-Net layer, 4x4 windows on a 16x16 grid", 128, 4, 16, 4),
+    ("U-Net layer, 4x4 windows on a padded 14x14 grid", 64, 2, 14, 4),
+    ("tiny U-Net layer, 4x4 windows on a 16x16 grid, one head", 32, 1, 16, 4),
+)
+
+
 def sdpa_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The attention kernels ``torch.profiler`` sees in an inference and a training forward of a TMSA layer."""
     rows = []
-    for name, dim, heads, grid, window in (
-        ("latent S/2 layer, global 16x16 window", 384, 6, 16, 16),
-        ("U-Net layer, 4x4 windows on a 16x16 grid", 128, 4, 16, 4),
-        ("U-Net layer, 4x4 windows on a padded 14x14 grid", 64, 2, 14, 4),
-    ):
+    for name, dim, heads, grid, window in MODEL_LAYERS[:3]:
         attn = TimeDependentSelfAttention(dim, dim, heads, window, pad_to_window=True).to(args.device, args.dtype)
         x = torch.randn(2, grid * grid, dim, device=args.device, dtype=args.dtype)
         t = torch.randn(2, dim, device=args.device, dtype=args.dtype)
@@ -112,6 +121,40 @@ def sdpa_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
                 e.name for e in prof.events() if any(k in e.name for k in ("scaled_dot_product", "softmax", "BiasedWindow"))
             })
             rows.append({"layer": name, "forward": mode, "attention_ops": kernels})
+    return rows
+
+
+def training_attention(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Forward + backward of a TMSA layer as the default processor trains it against SDPA's math kernel (what SDPA
+    itself picks on a CPU for a bias that needs a gradient), with the largest gradient difference."""
+    rows = []
+    for name, dim, heads, grid, window in MODEL_LAYERS:
+        torch.manual_seed(0)
+        attn = TimeDependentSelfAttention(dim, dim, heads, window, pad_to_window=True).to(args.device, args.dtype)
+        x = torch.randn(args.batch_size, grid * grid, dim, device=args.device, dtype=args.dtype, requires_grad=True)
+        t = torch.randn(args.batch_size, dim, device=args.device, dtype=args.dtype)
+        grad = torch.randn_like(x)
+
+        def default_step():
+            attn.zero_grad(set_to_none=True)
+            x.grad = None
+            attn(x, t, grid, grid).backward(grad)
+            return [x.grad, *(p.grad for p in attn.parameters())]
+
+        def math_step():
+            with attention_backend("_native_math"):
+                return default_step()
+
+        max_grad_diff = max((a - b).abs().max().item() for a, b in zip(default_step(), math_step()))
+        samples = interleaved_samples({"default": default_step, "sdpa_math": math_step}, args.repeats, args.device)
+        rows.append({
+            "layer": name,
+            "batch_size": args.batch_size,
+            "default_ms": statistics.median(samples["default"]) * 1e3,
+            "sdpa_math_ms": statistics.median(samples["sdpa_math"]) * 1e3,
+            "speedup": median_round_ratio(samples, "sdpa_math", "default"),
+            "max_abs_grad_diff": max_grad_diff,
+        })
     return rows
 
 
@@ -181,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     report["tmsa_forward"] = [bench_tmsa_forward(w, grid, args) for w in args.widths for grid in args.grids]
     print("sdpa_kernels", file=sys.stderr)
     report["sdpa_kernels"] = sdpa_kernels(args)
+    print("training_attention", file=sys.stderr)
+    report["training_attention"] = training_attention(args)
     print("time_projection", file=sys.stderr)
     report["time_projection"] = [bench_time_projection(w, args) for w in args.widths]
     grid, limit = SDPA_SPEEDUP_TARGET
