@@ -117,9 +117,8 @@ def sdpa_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
                         attn.eval()(x, t, grid, grid)
                 else:
                     attn.train()(x, t, grid, grid).sum().backward()
-            kernels = sorted({
-                e.name for e in prof.events() if any(k in e.name for k in ("scaled_dot_product", "softmax", "BiasedWindow"))
-            })
+            patterns = ("scaled_dot_product", "softmax", "BiasedWindow")
+            kernels = sorted({e.name for e in prof.events() if any(p in e.name for p in patterns)})
             rows.append({"layer": name, "forward": mode, "attention_ops": kernels})
     return rows
 

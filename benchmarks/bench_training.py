@@ -74,7 +74,12 @@ PROFILE_KINDS = {
         "aten::bmm",
         "BmmBackward",
     ),
-    "relative position bias gather and its backward": ("aten::index", "IndexBackward", "IndexSelectBackward", "index_put"),
+    "relative position bias gather and its backward": (
+        "aten::index",
+        "IndexBackward",
+        "IndexSelectBackward",
+        "index_put",
+    ),
     "padding masks": ("masked_fill", "aten::repeat", "RepeatBackward"),
     "window partition/merge and layout copies": (
         "aten::reshape",

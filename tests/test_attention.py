@@ -289,12 +289,9 @@ def flex_reference_backward_on_cpu(monkeypatch):
     monkeypatch.setattr(TimeDependentFlexAttnProcessor, "_check_device_supports_backward", lambda self, attn, x: None)
 
 
-@pytest.mark.parametrize("build, inputs", [
-    (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))),
-    (tiny_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None)),  # unpadded 16x16 and 8x8
-    (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None)),  # padded 12x12 and 6x6
-], ids=["transformer", "unet", "unet-padded"])
-def test_flex_processor_matches_default_forward_and_gradients(build, inputs, flex_reference_backward_on_cpu):
+def model_and_training_step(build, inputs):
+    """A model with weights that give every layer a gradient, its inputs ``(x, t, y)``, and a function that runs one
+    MSE step and returns the output and every parameter's gradient."""
     model = build().eval()  # no label dropout
     for p in model.parameters():
         p.data.normal_(0, 0.1)
@@ -307,19 +304,34 @@ def test_flex_processor_matches_default_forward_and_gradients(build, inputs, fle
         torch.nn.functional.mse_loss(out[:, : x.shape[1]], target).backward()
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    expected, expected_grads = loss_and_grads()
+    return model, (x, t, y), loss_and_grads
+
+
+def assert_same_step(actual, expected):
+    """Outputs and every parameter gradient (the relative position bias table's included) agree."""
+    (out, grads), (expected_out, expected_grads) = actual, expected
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    assert any("relative_position_bias_table" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("build, inputs", [
+    (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2]))),
+    (tiny_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None)),  # unpadded 16x16 and 8x8
+    (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None)),  # padded 12x12 and 6x6
+], ids=["transformer", "unet", "unet-padded"])
+def test_flex_processor_matches_default_forward_and_gradients(build, inputs, flex_reference_backward_on_cpu):
+    model, (x, t, y), loss_and_grads = model_and_training_step(build, inputs)
+    expected = loss_and_grads()
     model.set_attention_backend("flex")
     assert all(isinstance(p, TimeDependentFlexAttnProcessor) for p in model.attn_processors.values())
     # Only this model's layers: the process-wide default stays (other models' training is unaffected).
     assert tiny_transformer()(torch.randn(1, 4, 8, 8), 3, torch.tensor([1])).sample.requires_grad
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y).sample, expected, atol=1e-5, rtol=1e-5)
-    out, grads = loss_and_grads()
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == expected_grads.keys()
-    assert any("relative_position_bias_table" in name for name in grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(model(x, t, y).sample, expected[0], atol=1e-5, rtol=1e-5)
+    assert_same_step(loss_and_grads(), expected)
     model.reset_attention_backend()
     assert all(type(p) is TimeDependentAttnProcessor for p in model.attn_processors.values())
 
@@ -379,38 +391,26 @@ def attention_kernels_in_training(model, inputs) -> set[str]:
 FUSED_KERNEL = {"aten::_scaled_dot_product_flash_attention_for_cpu"}
 
 
+def wide_head_unet():
+    return tiny_unet(attention_head_dim=16)
+
+
 @pytest.mark.parametrize("build, inputs, kernels", [
     (tiny_transformer, lambda: (torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])), FUSED_KERNEL),
     # 16-token windows, 8-wide heads: the fused kernel; 16-wide heads: probabilities kept, no SDPA kernel at all.
     (tiny_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None), FUSED_KERNEL),
     (tiny_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None), FUSED_KERNEL),
-    (lambda: tiny_unet(attention_head_dim=16), lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None), set()),
-    (lambda: tiny_unet(attention_head_dim=16), lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None), set()),
+    (wide_head_unet, lambda: (torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), None), set()),
+    (wide_head_unet, lambda: (torch.randn(2, 1, 12, 12), torch.tensor([3, 700]), None), set()),
 ], ids=["transformer", "unet", "unet-padded", "unet-kept-probabilities", "unet-kept-probabilities-padded"])
 def test_cpu_training_matches_the_math_kernels_gradients(build, inputs, kernels):
-    model = build().eval()  # no label dropout
-    for p in model.parameters():
-        p.data.normal_(0, 0.1)
-    x, t, y = inputs()
-    target = torch.randn_like(x)
-
-    def loss_and_grads():
-        model.zero_grad(set_to_none=True)
-        out = model(x, t, y).sample
-        torch.nn.functional.mse_loss(out[:, : x.shape[1]], target).backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    assert attention_kernels_in_training(model, (x, t, y)) == kernels
-    out, grads = loss_and_grads()
+    model, inputs, loss_and_grads = model_and_training_step(build, inputs)
+    assert attention_kernels_in_training(model, inputs) == kernels
+    step = loss_and_grads()
     with attention_backend("_native_math"):
-        assert attention_kernels_in_training(model, (x, t, y)) == {"aten::_scaled_dot_product_attention_math"}
-        expected, expected_grads = loss_and_grads()
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert grads.keys() == expected_grads.keys()
-    assert any("relative_position_bias_table" in name for name in grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        assert attention_kernels_in_training(model, inputs) == {"aten::_scaled_dot_product_attention_math"}
+        assert_same_step(step, loss_and_grads())
     # PyTorch's own kernel choice is respected: with the fused kernel switched off, SDPA's math kernel runs.
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        assert attention_kernels_in_training(model, (x, t, y)) == {"aten::_scaled_dot_product_attention_math"}
-        torch.testing.assert_close(loss_and_grads()[1], grads, atol=1e-5, rtol=1e-4)
+        assert attention_kernels_in_training(model, inputs) == {"aten::_scaled_dot_product_attention_math"}
+        assert_same_step(step, loss_and_grads())
