@@ -117,7 +117,9 @@ def biased_window_attention(
     """Eq. 6 over windows, in the layout of ``dispatch_attention_fn``.
 
     Args:
-        query, key, value: ``(B * nW, N, heads, head_dim)``, the windows of one image contiguous.
+        query: ``(B * nW, N, heads, head_dim)``, the windows of one image contiguous.
+        key: like ``query``.
+        value: like ``query``.
         bias: ``(heads, N, N)``, the same for every window.
         scale: the factor of ``Q K^T``.
         key_padding: ``(nW, 1, 1, N)``, ``0`` on real keys and ``-inf`` on padding, per window of an image.
