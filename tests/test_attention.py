@@ -336,6 +336,18 @@ def test_flex_processor_matches_default_forward_and_gradients(build, inputs, fle
     assert all(type(p) is TimeDependentAttnProcessor for p in model.attn_processors.values())
 
 
+def test_flex_processor_compiles_with_inductor_on_cpu():
+    # Inductor's CPU flex template needs each of q, k, v as its own 4D buffer, not a transposed view of the
+    # projection's output (torch 2.13 failed to lower the latter with "not enough values to unpack").
+    model = tiny_transformer().eval()
+    x, t, labels = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = model(x, t, labels).sample
+        model.set_attention_backend("flex")
+        compiled = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(compiled(x, t, labels).sample, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_processor_refuses_cpu_training_with_a_clear_error():
     model = tiny_transformer().eval()
     model.set_attention_backend("flex")

@@ -283,8 +283,8 @@ class TimeDependentFlexAttnProcessor:
             tokens = query.shape[1]
             block_mask = create_block_mask(real_keys, query.shape[0], None, tokens, tokens, device=query.device)
 
-        out = flex_attention(
-            *(t.transpose(1, 2) for t in (query, key, value)),
+        out = flex_attention(  # q, k, v as their own (B * nW, heads, N, d) buffers, which inductor's CPU template needs
+            *(t.transpose(1, 2).contiguous() for t in (query, key, value)),
             score_mod=relative_position_score,
             block_mask=block_mask,
             scale=attn.scale,
