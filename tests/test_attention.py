@@ -426,3 +426,18 @@ def test_cpu_training_matches_the_math_kernels_gradients(build, inputs, kernels)
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         assert attention_kernels_in_training(model, inputs) == {"aten::_scaled_dot_product_attention_math"}
         assert_same_step(step, loss_and_grads())
+
+
+def test_cpu_training_attention_refuses_a_double_backward_that_the_math_kernel_serves():
+    model = tiny_transformer()
+    x, labels = torch.randn(1, 4, 8, 8, requires_grad=True), torch.tensor([1])
+
+    def gradient_penalty():
+        (grad,) = torch.autograd.grad(model(x, 3, labels).sample.sum(), x, create_graph=True)
+        grad.square().sum().backward()
+
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gradient_penalty()
+    with attention_backend("_native_math"):
+        gradient_penalty()
+    assert model.transformer_blocks[0].attn.relative_position_bias_table.grad is not None

@@ -65,6 +65,9 @@ def window_scores(
 class BiasedWindowAttention(torch.autograd.Function):
     """``softmax(Q K^T * scale + B + padding) V`` with gradients for ``Q``, ``K``, ``V`` and ``B`` (see module).
 
+    Differentiable once: a double backward (``create_graph=True``) raises; run it with
+    ``attention_backend("_native_math")``.
+
     ``query``, ``key``, ``value``: ``(B * nW, heads, N, head_dim)``; ``bias``: ``(heads, N, N)``; ``key_padding``:
     ``(nW, 1, 1, N)`` or ``None``.
     """
@@ -86,6 +89,7 @@ class BiasedWindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         grad_out = grad_out.contiguous()
         if ctx.keeps_probabilities:
