@@ -65,8 +65,8 @@ def window_scores(
 class BiasedWindowAttention(torch.autograd.Function):
     """``softmax(Q K^T * scale + B + padding) V`` with gradients for ``Q``, ``K``, ``V`` and ``B`` (see module).
 
-    Differentiable once: a double backward (``create_graph=True``) raises; run it with
-    ``attention_backend("_native_math")``.
+    Differentiable once: a backward with ``create_graph=True`` raises a ``RuntimeError`` that names the fix
+    (``attention_backend("_native_math")``).
 
     ``query``, ``key``, ``value``: ``(B * nW, heads, N, head_dim)``; ``bias``: ``(heads, N, N)``; ``key_padding``:
     ``(nW, 1, 1, N)`` or ``None``.
@@ -89,8 +89,13 @@ class BiasedWindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: this backward would itself be differentiated
+            raise RuntimeError(
+                "DiffiT's CPU training attention can be differentiated once, but this backward records a graph "
+                "(create_graph=True). For a double backward, run the step under diffusers' "
+                "`attention_backend('_native_math')`."
+            )
         grad_out = grad_out.contiguous()
         if ctx.keeps_probabilities:
             query, key, value, probs = ctx.saved_tensors  # query holds Q * scale
