@@ -106,7 +106,7 @@ MODEL_LAYERS = (
 def sdpa_kernels(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The attention kernels ``torch.profiler`` sees in an inference and a training forward of a TMSA layer."""
     rows = []
-    for name, dim, heads, grid, window in MODEL_LAYERS[:3]:
+    for name, dim, heads, grid, window in MODEL_LAYERS:
         attn = TimeDependentSelfAttention(dim, dim, heads, window, pad_to_window=True).to(args.device, args.dtype)
         x = torch.randn(2, grid * grid, dim, device=args.device, dtype=args.dtype)
         t = torch.randn(2, dim, device=args.device, dtype=args.dtype)

@@ -205,13 +205,13 @@ class TimeDependentAttnProcessor:
         height: int,
         width: int,
     ) -> torch.Tensor:
-        check_backend_takes_bias(self._attention_backend or _AttentionBackendRegistry._active_backend)
+        backend = self._attention_backend or _AttentionBackendRegistry._active_backend
+        check_backend_takes_bias(backend)
         layout, query, key, value = attn.windowed_qkv(hidden_states, time_token, height, width)  # Eq. 3-5
 
         # Eq. 6's B, one (heads, N, N) bias for every window; padded keys get -inf.
         bias = attn.relative_position_bias().to(query.dtype)
         key_padding = padding_mask(layout, query.dtype, query.device) if layout.is_padded else None
-        backend = self._attention_backend or _AttentionBackendRegistry._active_backend
         if backend == AttentionBackendName.NATIVE and fused_cpu_training_applies(query, bias):
             out = biased_window_attention(query, key, value, bias, attn.scale, key_padding)  # Eq. 6
             return attn.project_out(out, layout)

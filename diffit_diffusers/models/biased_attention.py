@@ -47,9 +47,13 @@ def attention_mask(bias: torch.Tensor, key_padding: torch.Tensor | None, batch_s
     return (bias + key_padding).repeat(batch_size, 1, 1, 1)
 
 
-def scaled_contiguous(query: torch.Tensor, scale: float) -> torch.Tensor:
-    """``query * scale`` as a new contiguous tensor (one pass; the batched products then copy nothing)."""
-    return torch.mul(query, scale, out=torch.empty(query.shape, dtype=query.dtype, device=query.device))
+def contiguous_operands(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Q * scale`` as a new contiguous tensor (one pass), ``K`` and ``V`` contiguous: the batched products then
+    copy nothing."""
+    scaled_query = torch.mul(query, scale, out=torch.empty(query.shape, dtype=query.dtype, device=query.device))
+    return scaled_query, key.contiguous(), value.contiguous()
 
 
 def window_scores(
@@ -77,7 +81,7 @@ class BiasedWindowAttention(torch.autograd.Function):
         ctx.scale = scale
         ctx.keeps_probabilities = query.shape[-2] <= query.shape[-1]
         if ctx.keeps_probabilities:
-            query, key, value = scaled_contiguous(query, scale), key.contiguous(), value.contiguous()
+            query, key, value = contiguous_operands(query, key, value, scale)
             probs = window_scores(query, key, bias, key_padding).softmax(dim=-1)
             ctx.save_for_backward(query, key, value, probs)
             return torch.matmul(probs, value)
@@ -104,7 +108,7 @@ class BiasedWindowAttention(torch.autograd.Function):
             grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         else:
             query, key, value, bias, key_padding, out, logsumexp = ctx.saved_tensors
-            query, key, value = scaled_contiguous(query, ctx.scale), key.contiguous(), value.contiguous()
+            query, key, value = contiguous_operands(query, key, value, ctx.scale)
             probs = window_scores(query, key, bias, key_padding).sub_(logsumexp.unsqueeze(-1)).exp_()
             grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
             row_terms = (grad_out * out).sum(-1, keepdim=True)  # rowsum(P * dP)
