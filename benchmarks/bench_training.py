@@ -11,9 +11,9 @@ Pairs (``--pairs``):
   width, depth, heads and patch size, on 32x32 latents, 1000 classes.
 
 For every model: the median step time over interleaved rounds (see ``harness.py``), the peak working memory of one
-step (activations, saved tensors, gradients, optimiser temporaries on top of weights, inputs and AdamW state), and a
-profile of a step's op time by operator kind (forward and backward together; the fastest of three profiled steps).
-Ratios are DiffiT / peer.
+step (activations, saved tensors, gradients, optimiser temporaries on top of weights, inputs and AdamW state), the
+FLOPs of a forward + backward and the rate the step reaches, and a profile of a step's op time by operator kind
+(forward and backward together; the fastest of three profiled steps). Ratios are DiffiT / peer.
 
 DiffiT runs as users get it: on CPUs where oneDNN outruns PyTorch's MKL products its large linear layers are oneDNN
 convolutions (``diffit_diffusers.models.linear``). ``--disable_onednn_linears`` runs them as ``nn.Linear``, the kernels
@@ -43,7 +43,9 @@ from bench_models import (
 )
 from diffusers import UNet2DModel
 from harness import interleaved_samples, machine_info, median_round_ratio, peak_memory_mib, write_report
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffit_diffusers import DiffiTUNet2DModel
 from diffit_diffusers.models.linear import ROWS_PER_MAP, OneDNNLinear
@@ -141,21 +143,40 @@ def onednn_products_as_linear(event, category: str) -> str:
     return "linear layers" if category == "convolutions" and [1, ROWS_PER_MAP] in maps else category
 
 
-def profile_step(step, profiled_steps: int = 3) -> dict[str, Any]:
+def profile_step(step, onednn_products: bool, profiled_steps: int = 3) -> dict[str, Any]:
     """Share of one training step's op time (forward, backward and optimiser) per operator kind: of the profiled
     steps, the one with the smallest total (a slow spell of a shared machine only adds time, to some ops more than
-    to others)."""
+    to others).
+
+    Input shapes are recorded only where ``onednn_products`` must be told from convolutions by them: recording
+    shapes slows some large products several times over (a ``cifar10-32`` MLP's input-gradient product, 18 ms in a
+    plain step, took 126 ms), so a profile that records them no longer adds up to the timed step.
+    """
     summaries = []
     for _ in range(profiled_steps):
-        with profile(record_shapes=True) as prof:
+        with profile(record_shapes=onednn_products) as prof:
             step()
         summaries.append(
             summarize_profile(
                 prof, PROFILE_KINDS, PROFILE_OTHER_KIND, enclosing=PROFILE_ENCLOSING_KINDS,
-                refine=onednn_products_as_linear,
+                refine=onednn_products_as_linear if onednn_products else None,
             )
         )
     return min(summaries, key=lambda summary: summary["total_ms"])
+
+
+def uses_onednn_products(model: torch.nn.Module) -> bool:
+    return any(isinstance(module, OneDNNLinear) and module.use_onednn for module in model.modules())
+
+
+def count_training_flops(case: ModelCase) -> int:
+    """FLOPs of one forward + backward: matrix products and convolutions, attention through SDPA's math kernel so
+    that its products count for every model alike."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        prediction = case.model(**case.inputs).sample[:, : case.prediction_channels]
+        prediction.float().square().mean().backward()
+    case.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def run_pair(
@@ -170,14 +191,18 @@ def run_pair(
     samples = interleaved_samples(steps, settings.training_repeats, settings.device)
     rows = {}
     for model, case in cases.items():
+        step_ms = statistics.median(samples[model]) * 1e3
+        flops = count_training_flops(case)
         rows[model] = {
             "class": type(case.model).__name__,
             "parameters": count_parameters(case.model),
-            "training_step_ms_median": statistics.median(samples[model]) * 1e3,
+            "training_step_ms_median": step_ms,
             "peak_memory_training_mib": peak_memory_mib(steps[model], settings.device),
+            "training_gflop": flops / 1e9,
+            "achieved_gflops": flops / 1e6 / step_ms,
         }
         if profile_models:
-            rows[model]["profile"] = profile_step(steps[model])
+            rows[model]["profile"] = profile_step(steps[model], uses_onednn_products(case.model))
     diffit, peer = list(rows)
     return {
         "input_shape": list(next(iter(cases.values())).inputs["sample" if name[0] in "tc" else "hidden_states"].shape),
@@ -186,6 +211,7 @@ def run_pair(
             "training_speed": median_round_ratio(samples, peer, diffit),
             "peak_memory_training": rows[diffit]["peak_memory_training_mib"] / rows[peer]["peak_memory_training_mib"],
             "parameters": rows[diffit]["parameters"] / rows[peer]["parameters"],
+            "training_flops": rows[diffit]["training_gflop"] / rows[peer]["training_gflop"],
         },
     }
 

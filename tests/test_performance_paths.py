@@ -174,24 +174,41 @@ class TrackTraining(TorchDispatchMode):
         return sum(alive.values())
 
 
+def kept_bytes_and_products(model, inputs) -> tuple[int, int]:
+    """Bytes the autograd graph holds after a training forward, and matrix products run by forward and backward."""
+    model.train()
+    with TrackTraining() as tracker:
+        loss = model(*inputs).sample.square().mean()
+        kept = tracker.live_bytes()
+        loss.backward()
+    return kept, tracker.matrix_products
+
+
 @pytest.mark.parametrize("build, inputs", [(latent_model, latent_inputs), (unet_model, unet_inputs)], ids=["latent", "unet"])
 def test_activation_recomputation_keeps_less_and_never_reruns_a_matrix_product(build, inputs):
-    def kept_bytes_and_products(model):
-        """Bytes the autograd graph holds after the forward, and matrix products run by forward and backward."""
-        model.train()
-        with TrackTraining() as tracker:
-            loss = model(*inputs()).sample.square().mean()
-            kept = tracker.live_bytes()
-            loss.backward()
-        return kept, tracker.matrix_products
-
     model = build()
     model.disable_activation_recomputation()
-    kept_bytes, kept_products = kept_bytes_and_products(model)
+    kept_bytes, kept_products = kept_bytes_and_products(model, inputs())
     model.enable_activation_recomputation()
-    recomputed_bytes, recomputed_products = kept_bytes_and_products(model)
+    recomputed_bytes, recomputed_products = kept_bytes_and_products(model, inputs())
     assert recomputed_products == kept_products
     assert recomputed_bytes < 0.9 * kept_bytes
+
+
+@pytest.mark.parametrize(
+    "build, inputs, recomputes", [(latent_model, latent_inputs, False), (unet_model, unet_inputs, True)],
+    ids=["latent-keeps-activations", "unet-recomputes"],
+)
+def test_activation_recomputation_default(build, inputs, recomputes):
+    """A new U-Net recomputes (it needs that to train in its peer's memory); a new latent model keeps everything."""
+    model = build()
+    default_bytes, _ = kept_bytes_and_products(model, inputs())
+    model.enable_activation_recomputation()
+    recomputed_bytes, _ = kept_bytes_and_products(model, inputs())
+    model.disable_activation_recomputation()
+    kept_bytes, _ = kept_bytes_and_products(model, inputs())
+    assert recomputed_bytes < kept_bytes
+    assert default_bytes == (recomputed_bytes if recomputes else kept_bytes)
 
 
 # --- Layouts ---------------------------------------------------------------------------------------------------------
