@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState, PartialState
-from diffusers import AutoencoderKL, DDPMScheduler, EDMEulerScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, EDMEulerScheduler, UNet2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from PIL import Image
 from safetensors.torch import load_file
@@ -24,6 +24,7 @@ from diffit_diffusers import DiffiTPipeline
 from diffit_diffusers.training import DataConfig, TrainingConfig, build_adamw, build_objective, parse_config, train
 from diffit_diffusers.training.cli import main_image
 from diffit_diffusers.training.objectives import LearnedSigmaObjective
+from diffit_diffusers.training.trainer import Trainer
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -287,6 +288,31 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     final_straight = load_file(straight / "denoiser" / "diffusion_pytorch_model.safetensors")
     for name, tensor in final_straight.items():
         assert torch.equal(final_resumed[name], tensor), f"EMA weights differ: {name}"
+
+
+def test_activation_recomputation_flag_trains_the_same_weights(tmp_path):
+    """Recomputing norm and activation outputs changes memory, never the result: the same run with it on (the
+    U-Net's default) and off ends in the same weights."""
+    common = dict(max_train_steps=2, checkpointing_steps=2, use_ema=False)
+    recomputed = run_training(digits_args(tmp_path, output="recomputed", activation_recomputation="on", **common))
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    kept = run_training(digits_args(tmp_path, output="kept", activation_recomputation="off", **common))
+    recomputed_weights = checkpoint_weights(recomputed / "checkpoint-2")
+    kept_weights = checkpoint_weights(kept / "checkpoint-2")
+    assert recomputed_weights.keys() == kept_weights.keys()
+    for name, tensor in kept_weights.items():
+        assert torch.equal(recomputed_weights[name], tensor), name
+
+
+def test_activation_recomputation_flag_needs_a_diffit_model():
+    peer = UNet2DModel(
+        sample_size=8, block_out_channels=(8, 8), down_block_types=("DownBlock2D",) * 2,
+        up_block_types=("UpBlock2D",) * 2, norm_num_groups=4,
+    )
+    with pytest.raises(ValueError, match="needs a DiffiT model, but the denoiser is a UNet2DModel; leave it at 'model'"):
+        Trainer.apply_activation_recomputation(peer, "on")
+    Trainer.apply_activation_recomputation(peer, "model")  # the default asks nothing of the model
 
 
 IMAGES_PER_FILE, NUM_FILES = 12, 4

@@ -43,6 +43,12 @@ class TrainingOptions:
     cpu: bool = option(False, "train on the CPU even when a GPU is available")
     mixed_precision: str = option("no", "mixed precision mode", choices=("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass")
+    activation_recomputation: str = option(
+        "model",
+        "recompute norm and activation outputs in backward: 'model' keeps the model's default (on for the U-Net, off "
+        "for the latent model), 'on' or 'off'",
+        choices=("model", "on", "off"),
+    )
     use_ema: bool = option(True, "keep an exponential moving average of the weights")
     ema_decay: float = option(0.9999, "EMA decay")
     ema_warmup: bool = option(True, "EMA warm-up (decay grows from 0 towards ema_decay)")

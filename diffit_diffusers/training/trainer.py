@@ -28,6 +28,7 @@ from ..dataset_sources import looks_like_local_path
 from ..hub import BackgroundHubUploads, create_model_card
 from ..models import DiffiTTransformer2DModel, DiffiTUNet2DModel
 from ..models.denoiser import DiffiTDenoiserMixin, denoiser_class
+from ..models.recompute import ActivationRecomputationMixin
 from ..pipelines import DiffiTPipeline
 from ..presets import load_preset_config
 from .config import TrainingConfig
@@ -306,6 +307,7 @@ class Trainer:
         model.register_to_config(**self.objective.parameterization.to_config())
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        self.apply_activation_recomputation(model, config.activation_recomputation)
         model.train()
         optimizer = build_adamw(
             model.parameters(),
@@ -366,6 +368,21 @@ class Trainer:
         train another ``ModelMixin`` with the ``DiffiTDenoiserMixin`` interface and ``config.in_channels`` and
         ``config.sample_size``; the trainer writes the objective's parameterization into its config."""
         return build_denoiser(self.config, num_classes=num_classes, in_channels=in_channels, sample_size=sample_size)
+
+    @staticmethod
+    def apply_activation_recomputation(model: ModelMixin, setting: str) -> None:
+        """``--activation_recomputation``: ``"model"`` leaves the model's default, ``"on"``/``"off"`` switch it."""
+        if setting == "model":
+            return
+        if not isinstance(model, ActivationRecomputationMixin):
+            raise ValueError(
+                f"`activation_recomputation={setting!r}` needs a DiffiT model, but the denoiser is a "
+                f"{type(model).__name__}; leave it at 'model'."
+            )
+        if setting == "on":
+            model.enable_activation_recomputation()
+        else:
+            model.disable_activation_recomputation()
 
     @property
     def unwrapped_model(self):
