@@ -16,7 +16,7 @@ for eager modes only: it is tracked by a dispatch mode there, under which compil
 the report also lists the attention kernels ``torch.profiler`` sees in a training step. A mode that fails is reported
 with its error; the others still run.
 
-    python benchmarks/bench_flex_training.py --device cuda --dtype bfloat16 \
+    python benchmarks/bench_flex_training.py --device cuda --dtype bfloat16 \\
         --output benchmarks/results/gpu-flex-training.json
     python benchmarks/bench_flex_training.py --presets DiffiT-S/2 --batch_size 2 --repeats 3
 """
