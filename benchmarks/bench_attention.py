@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 from diffusers.models.attention_dispatch import attention_backend
-from harness import interleaved_median_seconds, interleaved_samples, machine_info, median_round_ratio, write_report
+from harness import (
+    checked_device,
+    interleaved_median_seconds,
+    interleaved_samples,
+    median_round_ratio,
+    report_head,
+    write_report,
+)
 
 from diffit_diffusers import (
     TimeDependentExplicitAttnProcessor,
@@ -203,22 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if min(args.grids) < 1 or args.batch_size < 1 or args.repeats < 1:
         parser.error("--grids, --batch_size and --repeats must be positive integers.")
-    args.device, args.dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was requested but CUDA is not available; use --device cpu.")
+    args.device, args.dtype = checked_device(parser, args.device), getattr(torch, args.dtype)
 
-    report: dict[str, Any] = {
-        "benchmark": "attention",
-        "machine": machine_info(args.device),
-        "settings": {
-            "device": str(args.device),
-            "dtype": str(args.dtype).removeprefix("torch."),
-            "batch_size": args.batch_size,
-            "repeats": args.repeats,
-            "flex": "inductor-compiled layer" if args.flex_compile else "eager (PyTorch's unfused reference)",
-            "timing": "medians over interleaved rounds",
-        },
-    }
+    report = report_head(
+        "attention", args.device, args.dtype, batch_size=args.batch_size, repeats=args.repeats,
+        flex="inductor-compiled layer" if args.flex_compile else "eager (PyTorch's unfused reference)",
+        timing="medians over interleaved rounds",
+    )
     print("tmsa_forward", file=sys.stderr)
     report["tmsa_forward"] = [bench_tmsa_forward(w, grid, args) for w in args.widths for grid in args.grids]
     print("sdpa_kernels", file=sys.stderr)

@@ -34,7 +34,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from harness import interleaved_samples, machine_info, median_round_ratio, peak_memory_mib, synchronize, write_report
+from harness import (
+    checked_device,
+    interleaved_samples,
+    median_round_ratio,
+    peak_memory_mib,
+    report_head,
+    synchronize,
+    write_report,
+)
 from torch.profiler import profile
 
 from diffit_diffusers import DiffiTTransformer2DModel, load_preset_config
@@ -187,26 +195,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1:
         parser.error("--batch_size and --repeats must be positive integers.")
-    args.device, args.dtype = torch.device(args.device), getattr(torch, args.dtype)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was requested but CUDA is not available; use --device cpu.")
+    args.device, args.dtype = checked_device(parser, args.device), getattr(torch, args.dtype)
     for preset in args.presets:
         try:
             load_preset_config(preset)  # an unknown preset fails here, before any model is built
         except ValueError as error:
             parser.error(str(error))
-    report: dict[str, Any] = {
-        "benchmark": "flex_training",
-        "machine": machine_info(args.device),
-        "settings": {
-            "device": str(args.device),
-            "dtype": str(args.dtype).removeprefix("torch."),
-            "repeats": args.repeats,
-            "timing": "medians over interleaved rounds of forward + MSE + backward + AdamW; speed ratios are the "
-            "median of the per-round ratios against the first mode",
-        },
-        "presets": {preset: measure_preset(preset, args) for preset in args.presets},
-    }
+    report = report_head(
+        "flex_training", args.device, args.dtype, repeats=args.repeats,
+        timing="medians over interleaved rounds of forward + MSE + backward + AdamW; speed ratios are the median of "
+        "the per-round ratios against the first mode",
+    )
+    report["presets"] = {preset: measure_preset(preset, args) for preset in args.presets}
     write_report(report, args.output)
     return report
 

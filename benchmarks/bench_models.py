@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel, DPMSolverMultistepScheduler, UNet2DModel
 from harness import (
+    checked_device,
     interleaved_median_seconds,
     machine_info,
     peak_memory_mib,
@@ -474,12 +475,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", help="also write the JSON report to this file")
     args = parser.parse_args(argv)
-    try:
-        args.device = torch.device(args.device)
-    except RuntimeError as error:
-        parser.error(f"--device: {error}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was requested but CUDA is not available; use --device cpu.")
+    args.device = checked_device(parser, args.device)
     on_cuda = args.device.type == "cuda"
     args.dtype = TORCH_DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if on_cuda else torch.float32)
     if args.compile_backend == "auto":

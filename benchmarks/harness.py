@@ -7,6 +7,7 @@ alike and a single outlier moves nothing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -149,6 +150,26 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float:
     with PeakTensorMemory() as tracker:
         fn()
     return tracker.peak_bytes / 2**20
+
+
+def checked_device(parser: argparse.ArgumentParser, device: str) -> torch.device:
+    """``--device`` as a ``torch.device``: a usage error for a malformed name or for CUDA where there is none."""
+    try:
+        checked = torch.device(device)
+    except RuntimeError as error:
+        parser.error(f"--device: {error}")
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was requested but CUDA is not available; use --device cpu.")
+    return checked
+
+
+def report_head(benchmark: str, device: torch.device, dtype: torch.dtype, **settings: Any) -> dict[str, Any]:
+    """The start of a JSON report: the benchmark's name, the machine, and its settings (device and dtype first)."""
+    return {
+        "benchmark": benchmark,
+        "machine": machine_info(device),
+        "settings": {"device": str(device), "dtype": str(dtype).removeprefix("torch."), **settings},
+    }
 
 
 def write_report(report: dict[str, Any], output: str | None) -> None:
