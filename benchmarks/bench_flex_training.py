@@ -24,7 +24,6 @@ with its error; the others still run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_models import ModelCase, RunSettings, training_step_fn
 from harness import (
     checked_device,
     interleaved_samples,
@@ -46,7 +46,6 @@ from harness import (
 from torch.profiler import profile
 
 from diffit_diffusers import DiffiTTransformer2DModel, load_preset_config
-from diffit_diffusers.training import build_adamw
 
 
 MODES = ("sdpa", "sdpa_compiled", "flex_compiled")
@@ -84,36 +83,23 @@ def prepare_mode(model: DiffiTTransformer2DModel, mode: str) -> DiffiTTransforme
     return model
 
 
-def loss_fn(model, inputs: dict[str, torch.Tensor], target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    autocast = torch.autocast(target.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with autocast:
-        prediction = model(**inputs).sample[:, : target.shape[1]]
-    return F.mse_loss(prediction.float(), target)
-
-
-def first_gradients(model, inputs, target, dtype) -> tuple[dict[str, torch.Tensor], float]:
+def first_gradients(
+    case: ModelCase, target: torch.Tensor, settings: RunSettings
+) -> tuple[dict[str, torch.Tensor], float]:
     """Parameter gradients of one backward (no optimizer step) and its wall time (compilation included), in eval
     mode so that no label dropout draws differ between modes."""
+    model = case.model
     model.eval().zero_grad(set_to_none=True)
-    synchronize(target.device)
+    synchronize(settings.device)
     start = time.perf_counter()
-    loss_fn(model, inputs, target, dtype).backward()
-    synchronize(target.device)
+    with settings.autocast():
+        prediction = model(**case.inputs).sample[:, : case.prediction_channels]
+    F.mse_loss(prediction.float(), target).backward()
+    synchronize(settings.device)
     seconds = time.perf_counter() - start
     grads = {name: p.grad.detach().float().clone() for name, p in model.named_parameters() if p.grad is not None}
     model.train().zero_grad(set_to_none=True)
     return grads, seconds
-
-
-def training_step_fn(model, inputs, target, dtype) -> Callable[[], None]:
-    optimizer = build_adamw(model.parameters(), target.device, lr=1e-4)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model, inputs, target, dtype).backward()
-        optimizer.step()
-
-    return step
 
 
 def attention_kernels(step: Callable[[], None]) -> list[str]:
@@ -152,17 +138,18 @@ def measure_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "modes": {},
     }
-    steps, reference = {}, None
+    settings = RunSettings(args.device, args.dtype, None, repeats=1, training_repeats=args.repeats, sampling_steps=1)
+    steps, reference, reference_mode = {}, None, None
     for mode in args.modes:
         row = result["modes"][mode] = {}
         try:
-            model = prepare_mode(copy.deepcopy(base), mode)
-            grads, row["first_backward_s"] = first_gradients(model, inputs, target, args.dtype)
+            case = ModelCase(prepare_mode(copy.deepcopy(base), mode), inputs, "hidden_states", base.config.in_channels)
+            grads, row["first_backward_s"] = first_gradients(case, target, settings)
             if reference is None:
-                reference = grads
+                reference, reference_mode = grads, mode
             else:
-                row["gradients_vs_" + args.modes[0]] = gradient_difference(grads, reference)
-            steps[mode] = training_step_fn(model, inputs, target, args.dtype)
+                row[f"gradients_vs_{reference_mode}"] = gradient_difference(grads, reference)
+            steps[mode] = training_step_fn(case.model, case, settings)
             steps[mode]()  # the optimizer's first step allocates its state
             # On a CPU, peak memory is tracked by a dispatch mode, under which compiled code does not run.
             if args.device.type == "cuda" or not mode.endswith("_compiled"):
