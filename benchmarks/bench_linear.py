@@ -4,8 +4,9 @@ products the DiffiT models and their peers run.
 For every shape: the median time of a forward and of a forward + backward (input, weight and bias gradients) over
 interleaved rounds, the achieved GFLOP/s (multiply and add counted as two FLOPs) and the speed-up. Shapes are
 ``rows x in_features -> out_features``: the `tiny` U-Net's TMSA and MLP products at 16x16 and 8x8 (batch 32),
-DiffiT-S/2's and DiffiT-B/2's (256 tokens, batch 8 and 4), and products below ``OneDNNLinear``'s thresholds, which
-it leaves to ``nn.Linear`` (reported with ``runs_on_onednn: false``).
+``cifar10-32``'s at 32x32 (batch 8), DiffiT-S/2's and DiffiT-B/2's (256 tokens, batch 8 and 4), and products below
+``OneDNNLinear``'s thresholds, which it leaves to ``nn.Linear``. Every shape is timed on both paths;
+``runs_on_onednn`` says whether this machine's rule (``onednn_min_features()``) puts it on oneDNN.
 
     python benchmarks/bench_linear.py --output benchmarks/results/cpu-linear.json
 """
@@ -20,7 +21,7 @@ import torch
 from harness import interleaved_samples, machine_info, median_round_ratio, write_report
 from torch import nn
 
-from diffit_diffusers.models.linear import MIN_MULTIPLY_ADDS, MIN_ROWS, ROWS_PER_MAP, OneDNNLinear, onednn_outruns_mkl
+from diffit_diffusers.models.linear import MIN_MULTIPLY_ADDS, MIN_ROWS, ROWS_PER_MAP, OneDNNLinear, onednn_min_features
 
 
 SHAPES = {
@@ -28,6 +29,8 @@ SHAPES = {
     "tiny 16x16 MLP in": (8192, 32, 64),
     "tiny 8x8 TMSA projection": (2048, 64, 64),
     "tiny 8x8 MLP in": (2048, 64, 128),
+    "cifar10-32 32x32 TMSA projection": (8192, 128, 128),
+    "cifar10-32 32x32 MLP in": (8192, 128, 512),
     "S/2 TMSA projection": (2048, 384, 384),
     "S/2 MLP in": (2048, 384, 1536),
     "S/2 MLP out": (2048, 1536, 384),
@@ -44,6 +47,8 @@ def measure(rows: int, in_features: int, out_features: int, repeats: int) -> dic
     layer.use_onednn = True
     inputs = torch.randn(rows, in_features, requires_grad=True)
     grad_output = torch.randn(rows, out_features)
+    runs_on_onednn = layer.runs_on_onednn(inputs)  # with this machine's min_features
+    layer.min_features = 1  # time every shape on both paths
 
     def forward(module):
         def run():
@@ -59,7 +64,7 @@ def measure(rows: int, in_features: int, out_features: int, repeats: int) -> dic
         return run
 
     row: dict[str, Any] = {"rows": rows, "in_features": in_features, "out_features": out_features,
-                           "runs_on_onednn": layer.runs_on_onednn(inputs)}
+                           "runs_on_onednn": runs_on_onednn}
     for name, make, flops in (("forward", forward, 2), ("forward_backward", training, 6)):
         samples = interleaved_samples({"linear": make(reference), "onednn": make(layer)}, repeats, torch.device("cpu"), 3)
         linear_s, onednn_s = statistics.median(samples["linear"]), statistics.median(samples["onednn"])
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {
             "dtype": "float32",
             "repeats": args.repeats,
-            "onednn_by_default_here": onednn_outruns_mkl(),
+            "onednn_by_default_here": onednn_min_features() is not None,
+            "onednn_min_features_here": onednn_min_features(),
             "thresholds": {"rows_per_map": ROWS_PER_MAP, "min_rows": MIN_ROWS, "min_multiply_adds": MIN_MULTIPLY_ADDS},
         },
         "shapes": {name: measure(*shape, args.repeats) for name, shape in SHAPES.items()},

@@ -33,6 +33,7 @@ def layer_pair(in_features=48, out_features=80, bias=True):
     layer = OneDNNLinear(in_features, out_features, bias=bias)
     layer.load_state_dict(reference.state_dict())
     layer.use_onednn = True
+    layer.min_features = 1  # the Zen 5 rule, whatever this machine is
     return reference, layer
 
 
@@ -88,6 +89,17 @@ def test_small_products_and_autocast_run_as_linear():
         assert layer(inputs).dtype == torch.bfloat16
 
 
+def test_narrow_products_run_as_linear_below_min_features():
+    reference, layer = layer_pair(in_features=48, out_features=256)
+    layer.min_features = linear_module.ZEN4_MIN_FEATURES
+    inputs = torch.randn(2048, 48)
+    assert not layer.runs_on_onednn(inputs)  # 48 features on one side: MKL on Zen 4
+    torch.testing.assert_close(layer(inputs), reference(inputs), rtol=0, atol=0)
+    _, wide = layer_pair(in_features=128, out_features=256)
+    wide.min_features = linear_module.ZEN4_MIN_FEATURES
+    assert wide.runs_on_onednn(torch.randn(2048, 128))
+
+
 def test_disabled_layer_and_wrong_width_behave_as_linear():
     reference, layer = layer_pair()
     layer.use_onednn = False
@@ -111,26 +123,27 @@ def test_use_onednn_linears_shares_parameters_and_keeps_the_state_dict():
 
 def test_onednn_only_by_default_on_amd_x86(monkeypatch):
     monkeypatch.setattr(linear_module.platform, "machine", lambda: "aarch64")
-    assert not linear_module.onednn_outruns_mkl()
+    assert linear_module.onednn_min_features() is None
 
 
 @pytest.mark.parametrize(
-    "vendor, flags, expected",
+    "vendor, family, flags, expected",
     [
-        ("AuthenticAMD", "fpu sse2 avx2 avx512f avx512bw", True),  # Zen 4 / Zen 5
-        ("AuthenticAMD", "fpu sse2 avx2 fma", False),  # Zen 3: MKL's AVX2 products are faster
-        ("GenuineIntel", "fpu sse2 avx2 avx512f avx512bw", False),  # MKL takes its AVX-512 path
+        ("AuthenticAMD", 26, "fpu sse2 avx2 avx512f avx512bw", 1),  # Zen 5: every product above the size thresholds
+        ("AuthenticAMD", 25, "fpu sse2 avx2 avx512f avx512bw", linear_module.ZEN4_MIN_FEATURES),  # Zen 4
+        ("AuthenticAMD", 25, "fpu sse2 avx2 fma", None),  # Zen 3: MKL's AVX2 products are faster
+        ("GenuineIntel", 6, "fpu sse2 avx2 avx512f avx512bw", None),  # MKL takes its AVX-512 path
     ],
 )
-def test_onednn_by_default_only_on_amd_cpus_with_avx512(tmp_path, monkeypatch, vendor, flags, expected):
+def test_onednn_by_default_only_on_amd_cpus_with_avx512(tmp_path, monkeypatch, vendor, family, flags, expected):
     if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
         pytest.skip("needs a PyTorch built with MKL and oneDNN")
     monkeypatch.setattr(linear_module.platform, "machine", lambda: "x86_64")
-    processor = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\nflags\t\t: {flags}\n\n"
+    processor = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: {flags}\n\n"
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(processor + processor.replace(": 0", ": 1"))
-    assert linear_module.onednn_outruns_mkl(str(cpuinfo)) is expected
-    assert linear_module.onednn_outruns_mkl(str(tmp_path / "missing")) is False
+    assert linear_module.onednn_min_features(str(cpuinfo)) == expected
+    assert linear_module.onednn_min_features(str(tmp_path / "missing")) is None
 
 
 def unet_case():
@@ -159,6 +172,9 @@ def test_models_train_the_same_with_and_without_onednn(case):
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)  # every weight matters, including the zero-initialised output
     model.enable_onednn_linears()
+    for layer in model.modules():
+        if isinstance(layer, OneDNNLinear):
+            layer.min_features = 1  # the Zen 5 rule: the narrow layers of these small models run on oneDNN too
     reference = copy.deepcopy(model)
     reference.disable_onednn_linears()
     layers = [m for m in model.modules() if isinstance(m, OneDNNLinear)]

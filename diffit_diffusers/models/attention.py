@@ -466,6 +466,7 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
                 dtype=layers[0].weight.dtype,
             )
             stacked.use_onednn = getattr(layers[0], "use_onednn", stacked.use_onednn)
+            stacked.min_features = getattr(layers[0], "min_features", stacked.min_features)
             stacked.weight.copy_(torch.cat([layer.weight for layer in layers]))
             if self.use_bias:
                 stacked.bias.copy_(torch.cat([layer.bias for layer in layers]))

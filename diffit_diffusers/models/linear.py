@@ -1,7 +1,7 @@
 """Token-wise linear layers whose large float32 CPU products run on oneDNN's convolution kernels.
 
 PyTorch multiplies float32 matrices on the CPU with MKL's ``sgemm``. On AMD CPUs MKL takes a code path that uses
-about half of what AVX-512 cores can do: on this project's AMD EPYC machine a ``(2048, 384) x (384, 1536)`` product
+about half of what AVX-512 cores can do: on an AMD EPYC with Zen 5 cores a ``(2048, 384) x (384, 1536)`` product
 runs at ~95 GFLOP/s through ``F.linear`` and at ~205 GFLOP/s as a oneDNN 1x1 convolution
 (``benchmarks/bench_linear.py``). A linear layer over tokens *is* a 1x1 convolution over the channels, so
 ``OneDNNLinear`` computes ``y = x W^T + b`` as one: the ``M`` rows of ``x`` are viewed, without a copy, as a
@@ -9,12 +9,15 @@ channels-last batch of ``M / 64`` maps of ``1 x 64`` pixels, the layout for whic
 batch of fewer than 16 maps falls back to a GEMM-based convolution that is no faster than MKL). Outputs and gradients
 equal ``nn.Linear``'s up to float32 rounding.
 
-The convolution runs only where it was measured to pay: float32 on the CPU, on an AMD x86-64 CPU with AVX-512 (Zen 4
-and later) and PyTorch's MKL and oneDNN, for at least 1024 rows (a multiple of 64) and 4M multiply-adds per product,
-outside autocast and ``torch.compile`` (whose code generation picks its own kernels), with an unquantized weight.
-Everything else, and every layer after ``disable_onednn_linears()``, runs ``nn.Linear.forward``. On Intel CPUs MKL
-takes its AVX-512 path, and on AMD CPUs without AVX-512 (Zen 3) MKL's AVX2 products beat oneDNN's: the layers stay on
-``nn.Linear`` there unless ``enable_onednn_linears()`` is called.
+The convolution runs only where it was measured to pay: float32 on the CPU, on an AMD x86-64 CPU with AVX-512 and
+PyTorch's MKL and oneDNN, for at least 1024 rows (a multiple of 64) and 4M multiply-adds per product, outside autocast
+and ``torch.compile`` (whose code generation picks its own kernels), with an unquantized weight. On Zen 5, whose
+AVX-512 units are 512 bits wide, that is every such product; on Zen 4, whose units are 256 bits wide and where
+oneDNN's lead is 1.1-1.2x instead of about 2x, only products at least 128 features wide on both sides (narrower ones,
+the ``tiny`` U-Net's 32-64 channels, measured 0.74-0.93x of MKL's in forward + backward there). Everything else, and
+every layer after ``disable_onednn_linears()``, runs ``nn.Linear.forward``. On Intel CPUs MKL takes its AVX-512 path,
+and on AMD CPUs without AVX-512 (Zen 3) MKL's AVX2 products beat oneDNN's: the layers stay on ``nn.Linear`` there
+unless ``enable_onednn_linears()`` is called.
 """
 
 from __future__ import annotations
@@ -34,29 +37,45 @@ MIN_ROWS = 16 * ROWS_PER_MAP
 MIN_MULTIPLY_ADDS = 1 << 22
 
 
-def onednn_outruns_mkl(cpuinfo_path: str = "/proc/cpuinfo") -> bool:
-    """Whether this machine is one where oneDNN's float32 kernels outrun PyTorch's MKL products: an AMD x86-64 CPU
-    with AVX-512 (Zen 4 and later) and a PyTorch built with both libraries.
+#: Narrowest product (the smaller of ``in_features`` and ``out_features``) that runs on oneDNN on Zen 4.
+ZEN4_MIN_FEATURES = 128
+#: ``cpu family`` of AMD's Zen 3 and Zen 4 cores (Zen 5 is 26); of the two only Zen 4 has AVX-512.
+AMD_ZEN3_ZEN4_FAMILY = 25
 
-    On AMD CPUs without AVX-512 (Zen 3: AVX2) MKL's AVX2 products are the faster ones (``OneDNNLinear`` measured at
-    0.75-0.93x of ``nn.Linear`` in forward + backward there).
+
+def onednn_min_features(cpuinfo_path: str = "/proc/cpuinfo") -> int | None:
+    """The narrowest product (fewest of ``in_features`` and ``out_features``) for which oneDNN's float32 kernels
+    outrun PyTorch's MKL products on this machine, or ``None`` where they never do.
+
+    ``1`` (every product above the size thresholds) on AMD x86-64 CPUs with 512-bit AVX-512 units (Zen 5 and later),
+    ``ZEN4_MIN_FEATURES`` on Zen 4, ``None`` on AMD CPUs without AVX-512 (Zen 3: ``OneDNNLinear`` measured at
+    0.75-0.93x of ``nn.Linear`` in forward + backward there), Intel CPUs, other architectures and PyTorch builds
+    without both libraries.
     """
     if not (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()):
-        return False
+        return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return None
     fields = {}
     try:
-        with open(cpuinfo_path) as cpuinfo:  # the first processor's vendor and flags lines are enough
+        with open(cpuinfo_path) as cpuinfo:  # the first processor's vendor, family and flags lines are enough
             for line in cpuinfo:
                 key, _, value = line.partition(":")
-                if key.strip() in ("vendor_id", "flags"):
+                if key.strip() in ("vendor_id", "cpu family", "flags"):
                     fields[key.strip()] = value.split()
-                    if len(fields) == 2:
+                    if len(fields) == 3:
                         break
     except OSError:
-        return False
-    return "AuthenticAMD" in fields.get("vendor_id", []) and "avx512f" in fields.get("flags", [])
+        return None
+    if "AuthenticAMD" not in fields.get("vendor_id", []) or "avx512f" not in fields.get("flags", []):
+        return None
+    family = fields.get("cpu family", [])
+    if family and family[0].isdigit() and int(family[0]) <= AMD_ZEN3_ZEN4_FAMILY:
+        return ZEN4_MIN_FEATURES
+    return 1
+
+
+MACHINE_MIN_FEATURES = onednn_min_features()
 
 
 class OneDNNLinear(nn.Linear):
@@ -67,7 +86,10 @@ class OneDNNLinear(nn.Linear):
     """
 
     #: Whether large CPU products may run on oneDNN; on by default where oneDNN outruns MKL.
-    use_onednn: bool = onednn_outruns_mkl()
+    use_onednn: bool = MACHINE_MIN_FEATURES is not None
+    #: Narrowest product (fewest of ``in_features`` and ``out_features``) that runs on oneDNN: this machine's
+    #: (``onednn_min_features()``), else ``1``.
+    min_features: int = MACHINE_MIN_FEATURES or 1
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "OneDNNLinear":
@@ -95,6 +117,7 @@ class OneDNNLinear(nn.Linear):
             and hidden_states.shape[-1] == self.in_features
             and rows % ROWS_PER_MAP == 0
             and rows * self.in_features * self.out_features >= MIN_MULTIPLY_ADDS
+            and min(self.in_features, self.out_features) >= self.min_features
             and hidden_states.device.type == "cpu"
             and hidden_states.dtype == torch.float32
             and self.weight.dtype == torch.float32
@@ -119,7 +142,7 @@ class OneDNNLinearMixin:
 
     def enable_onednn_linears(self) -> None:
         """Run the large float32 CPU products of every ``OneDNNLinear`` as oneDNN convolutions (the default on AMD
-        x86-64 CPUs with AVX-512)."""
+        x86-64 CPUs with AVX-512; on Zen 4 only for products at least ``ZEN4_MIN_FEATURES`` wide)."""
         self._set_onednn_linears(True)
 
     def disable_onednn_linears(self) -> None:
