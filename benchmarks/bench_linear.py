@@ -93,7 +93,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "dtype": "float32",
             "repeats": args.repeats,
             "onednn_by_default_here": onednn_min_features() is not None,
-            "onednn_min_features_here": onednn_min_features(),
             "thresholds": {"rows_per_map": ROWS_PER_MAP, "min_rows": MIN_ROWS, "min_multiply_adds": MIN_MULTIPLY_ADDS},
         },
         "shapes": {name: measure(*shape, args.repeats) for name, shape in SHAPES.items()},

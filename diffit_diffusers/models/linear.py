@@ -13,8 +13,8 @@ The convolution runs only where it was measured to pay: float32 on the CPU, on a
 PyTorch's MKL and oneDNN, for at least 1024 rows (a multiple of 64) and 4M multiply-adds per product, outside autocast
 and ``torch.compile`` (whose code generation picks its own kernels), with an unquantized weight. On Zen 5, whose
 AVX-512 units are 512 bits wide, that is every such product; on Zen 4, whose units are 256 bits wide and where
-oneDNN's lead is 1.1-1.2x instead of about 2x, only products at least 128 features wide on both sides (narrower ones,
-the ``tiny`` U-Net's 32-64 channels, measured 0.74-0.93x of MKL's in forward + backward there). Everything else, and
+oneDNN's lead is 1.0-1.1x instead of about 2x, only products at least 128 features wide on both sides (narrower ones,
+the ``tiny`` U-Net's 32-64 channels, measured 0.77-0.95x of MKL's in forward + backward there). Everything else, and
 every layer after ``disable_onednn_linears()``, runs ``nn.Linear.forward``. On Intel CPUs MKL takes its AVX-512 path,
 and on AMD CPUs without AVX-512 (Zen 3) MKL's AVX2 products beat oneDNN's: the layers stay on ``nn.Linear`` there
 unless ``enable_onednn_linears()`` is called.
@@ -75,6 +75,7 @@ def onednn_min_features(cpuinfo_path: str = "/proc/cpuinfo") -> int | None:
     return 1
 
 
+#: ``onednn_min_features()`` of this machine, read once at import.
 MACHINE_MIN_FEATURES = onednn_min_features()
 
 
