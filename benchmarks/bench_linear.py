@@ -21,7 +21,7 @@ import torch
 from harness import interleaved_samples, machine_info, median_round_ratio, write_report
 from torch import nn
 
-from diffit_diffusers.models.linear import MIN_MULTIPLY_ADDS, MIN_ROWS, ROWS_PER_MAP, OneDNNLinear, onednn_min_features
+from diffit_diffusers.models.linear import MACHINE_MIN_FEATURES, MIN_MULTIPLY_ADDS, MIN_ROWS, ROWS_PER_MAP, OneDNNLinear
 
 
 SHAPES = {
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {
             "dtype": "float32",
             "repeats": args.repeats,
-            "onednn_by_default_here": onednn_min_features() is not None,
+            "onednn_by_default_here": MACHINE_MIN_FEATURES is not None,
             "thresholds": {"rows_per_map": ROWS_PER_MAP, "min_rows": MIN_ROWS, "min_multiply_adds": MIN_MULTIPLY_ADDS},
         },
         "shapes": {name: measure(*shape, args.repeats) for name, shape in SHAPES.items()},

@@ -23,7 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from diffit_diffusers.models.linear import onednn_min_features
+from diffit_diffusers.models.linear import MACHINE_MIN_FEATURES, first_processor_info
 
 
 def synchronize(device: torch.device) -> None:
@@ -68,31 +68,13 @@ def median_round_ratio(samples: dict[str, list[float]], numerator: str, denomina
     return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
 
 
-def first_processor_fields() -> dict[str, str]:
-    """The first processor's ``/proc/cpuinfo`` entries (Linux), else nothing."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return {}
-    fields = {}
-    for line in cpuinfo.read_text().splitlines():
-        if not line.strip():
-            break
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
-
-
-def cpu_model_name() -> str:
-    """The CPU's marketing name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
-    return first_processor_fields().get("model name") or platform.processor() or platform.machine()
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on: processor, threads, library versions, accelerator, and the load when measured."""
+    processor = first_processor_info()
     info = {
-        "cpu": cpu_model_name(),
-        "cpu_family_model": "/".join(first_processor_fields().get(key, "?") for key in ("cpu family", "model")),
-        "onednn_linear_min_features": onednn_min_features(),
+        "cpu": processor.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family_model": "/".join(processor.get(key, "?") for key in ("cpu family", "model")),
+        "onednn_linear_min_features": MACHINE_MIN_FEATURES,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

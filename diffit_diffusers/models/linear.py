@@ -43,6 +43,22 @@ ZEN4_MIN_FEATURES = 128
 AMD_ZEN3_ZEN4_FAMILY = 25
 
 
+def first_processor_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's entries of a Linux ``/proc/cpuinfo`` (``vendor_id``, ``cpu family``, ``model name``,
+    ``flags``, ...), or nothing where the file cannot be read."""
+    fields = {}
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():  # the first processor's block ends at the first blank line
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    return fields
+
+
 def onednn_min_features(cpuinfo_path: str = "/proc/cpuinfo") -> int | None:
     """The narrowest product (fewest of ``in_features`` and ``out_features``) for which oneDNN's float32 kernels
     outrun PyTorch's MKL products on this machine, or ``None`` where they never do.
@@ -56,21 +72,11 @@ def onednn_min_features(cpuinfo_path: str = "/proc/cpuinfo") -> int | None:
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    fields = {}
-    try:
-        with open(cpuinfo_path) as cpuinfo:  # the first processor's vendor, family and flags lines are enough
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() in ("vendor_id", "cpu family", "flags"):
-                    fields[key.strip()] = value.split()
-                    if len(fields) == 3:
-                        break
-    except OSError:
+    processor = first_processor_info(cpuinfo_path)
+    if processor.get("vendor_id") != "AuthenticAMD" or "avx512f" not in processor.get("flags", "").split():
         return None
-    if "AuthenticAMD" not in fields.get("vendor_id", []) or "avx512f" not in fields.get("flags", []):
-        return None
-    family = fields.get("cpu family", [])
-    if family and family[0].isdigit() and int(family[0]) <= AMD_ZEN3_ZEN4_FAMILY:
+    family = processor.get("cpu family", "")
+    if family.isdigit() and int(family) <= AMD_ZEN3_ZEN4_FAMILY:
         return ZEN4_MIN_FEATURES
     return 1
 
