@@ -166,7 +166,7 @@ def profile_step(step, onednn_products: bool, profiled_steps: int = 3) -> dict[s
 
 
 def uses_onednn_products(model: torch.nn.Module) -> bool:
-    return any(isinstance(module, OneDNNLinear) and module.use_onednn for module in model.modules())
+    return any(isinstance(module, OneDNNLinear) and module.may_run_on_onednn for module in model.modules())
 
 
 def count_training_flops(case: ModelCase) -> int:

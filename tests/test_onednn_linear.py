@@ -94,10 +94,12 @@ def test_narrow_products_run_as_linear_below_min_features():
     layer.min_features = linear_module.ZEN4_MIN_FEATURES
     inputs = torch.randn(2048, 48)
     assert not layer.runs_on_onednn(inputs)  # 48 features on one side: MKL on Zen 4
+    assert not layer.may_run_on_onednn  # for any input
     torch.testing.assert_close(layer(inputs), reference(inputs), rtol=0, atol=0)
     _, wide = layer_pair(in_features=128, out_features=256)
     wide.min_features = linear_module.ZEN4_MIN_FEATURES
     assert wide.runs_on_onednn(torch.randn(2048, 128))
+    assert wide.may_run_on_onednn
 
 
 def test_disabled_layer_and_wrong_width_behave_as_linear():

@@ -113,9 +113,14 @@ class OneDNNLinear(nn.Linear):
         out = F.conv2d(maps, self.weight.view(self.out_features, self.in_features, 1, 1), self.bias)
         return out.permute(0, 2, 3, 1).reshape(*hidden_states.shape[:-1], self.out_features)
 
+    @property
+    def may_run_on_onednn(self) -> bool:
+        """Whether some input runs this layer on oneDNN: it is enabled and at least ``min_features`` wide."""
+        return self.use_onednn and min(self.in_features, self.out_features) >= self.min_features
+
     def runs_on_onednn(self, hidden_states: torch.Tensor) -> bool:
         """Whether ``forward(hidden_states)`` runs as a oneDNN convolution."""
-        if not self.use_onednn:
+        if not self.may_run_on_onednn:
             return False
         rows = hidden_states.numel() // self.in_features
         return (
@@ -124,7 +129,6 @@ class OneDNNLinear(nn.Linear):
             and hidden_states.shape[-1] == self.in_features
             and rows % ROWS_PER_MAP == 0
             and rows * self.in_features * self.out_features >= MIN_MULTIPLY_ADDS
-            and min(self.in_features, self.out_features) >= self.min_features
             and hidden_states.device.type == "cpu"
             and hidden_states.dtype == torch.float32
             and self.weight.dtype == torch.float32
