@@ -2,6 +2,7 @@ import os
 
 import pytest
 from accelerate.state import AcceleratorState, PartialState
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
 from hub_server import FakeHubServer, point_huggingface_hub_at
 from trained_models import trained_digits_folder
@@ -9,6 +10,16 @@ from trained_models import trained_digits_folder
 
 # Tests never reach the real Hub; only the `hub_server` fixture turns the network on, towards 127.0.0.1.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def restore_active_attention_backend():
+    """diffusers' ``set_attention_backend`` also sets the process-wide active backend, which
+    ``reset_attention_backend`` leaves as it is: put it back after every test, so one test's backend never reaches
+    the next test of the same worker."""
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
 
 
 @pytest.fixture
