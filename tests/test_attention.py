@@ -63,6 +63,18 @@ def test_window_partition_round_trip_with_padding():
     assert torch.equal(window_merge(windows, layout), x)
 
 
+def test_window_merge_takes_head_major_attention_outputs():
+    """Attention outputs arrive as ``(B * nW, N, heads, head_dim)`` views of head-major memory; merging them equals
+    merging their contiguous copy, padded or not."""
+    for height, width in ((8, 12), (6, 10)):
+        layout = window_layout(2, height, width, 4, pad=True)
+        head_major = torch.randn(2 * layout.windows_per_image, 3, 16, 5)  # (B * nW, heads, N, d)
+        windows = head_major.transpose(1, 2)
+        expected = window_merge(windows.reshape(*windows.shape[:2], 15), layout)
+        assert torch.equal(window_merge(windows, layout), expected)
+        assert expected.shape == (2, height * width, 15)
+
+
 def test_output_shape_and_time_dependence():
     attn = make_attention()
     x = torch.randn(2, 64, 16)

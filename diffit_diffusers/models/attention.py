@@ -113,9 +113,14 @@ def window_partition(hidden_states: torch.Tensor, layout: WindowLayout) -> torch
 
 
 def window_merge(windows: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-    """Inverse of ``window_partition``: ``(B * num_windows, w*w, C)`` back to ``(B, H*W, C)``."""
+    """Inverse of ``window_partition``: ``(B * num_windows, w*w, ...)`` back to ``(B, H*W, C)``, the trailing dims
+    flattened into ``C``.
+
+    Windows of any strides (such as attention's ``(B * num_windows, w*w, heads, head_dim)`` output, which is
+    head-major in memory) are gathered in one copy, plus one for the crop of a padded grid.
+    """
     b, w = layout.batch_size, layout.window_size
-    x = windows.view(b, layout.padded_height // w, layout.padded_width // w, w, w, -1)
+    x = windows.unflatten(0, (b, layout.padded_height // w, layout.padded_width // w)).unflatten(3, (w, w))
     x = x.transpose(2, 3).reshape(b, layout.padded_height, layout.padded_width, -1)
     if layout.is_padded:
         x = x[:, : layout.height, : layout.width]
@@ -450,9 +455,13 @@ class TimeDependentSelfAttention(nn.Module, AttentionModuleMixin):
         return (layout, *time_dependent_qkv(self, window_partition(hidden_states, layout), time_token, layout))
 
     def project_out(self, attention_output: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
-        """What every processor ends with: ``to_out`` on the ``(B * num_windows, w*w, heads, head_dim)`` attention
-        output, then the windows merged back into ``(B, H*W, C)``."""
-        return window_merge(self.to_out(attention_output.flatten(2)), layout)
+        """What every processor ends with: the ``(B * num_windows, w*w, heads, head_dim)`` attention output merged
+        back into ``(B, H*W, C)`` tokens, then ``to_out``.
+
+        Merging first makes the heads' outputs contiguous and crops a padded grid in the same copies, so ``to_out``
+        runs on the real tokens only.
+        """
+        return self.to_out(window_merge(attention_output, layout))
 
     @torch.no_grad()
     def fuse_projections(self) -> None:
