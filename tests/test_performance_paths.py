@@ -127,10 +127,26 @@ def dropout_latent_model():
     return latent_model(dropout=0.2)
 
 
+def unet_model_with_learned_norms():
+    """A U-Net whose GroupNorms have a scale and shift away from their initial 1 and 0 (as after training)."""
+    model = unet_model()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.normal_(1, 0.5)
+                module.bias.normal_(0, 0.5)
+    return model
+
+
 @pytest.mark.parametrize(
     "build, inputs",
-    [(latent_model, latent_inputs), (dropout_latent_model, latent_inputs), (unet_model, unet_inputs)],
-    ids=["latent", "latent-dropout", "unet"],
+    [
+        (latent_model, latent_inputs),
+        (dropout_latent_model, latent_inputs),
+        (unet_model, unet_inputs),
+        (unet_model_with_learned_norms, unet_inputs),
+    ],
+    ids=["latent", "latent-dropout", "unet", "unet-learned-norms"],
 )
 @pytest.mark.parametrize("saved_tensors", ["kept", "gradient-checkpointing", "save-on-cpu"])
 def test_activation_recomputation_gives_identical_outputs_and_gradients(build, inputs, saved_tensors):
@@ -193,6 +209,41 @@ def test_activation_recomputation_keeps_less_and_never_reruns_a_matrix_product(b
     recomputed_bytes, recomputed_products = kept_bytes_and_products(model, inputs())
     assert recomputed_products == kept_products
     assert recomputed_bytes < 0.9 * kept_bytes
+
+
+class CountGroupNormKernels(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func.overloadpacket is torch.ops.aten.native_group_norm
+        return func(*args, **(kwargs or {}))
+
+
+def test_recomputed_group_norms_reuse_the_forward_statistics():
+    """Backward recomputes a ResBlock's GroupNorm from the statistics of its forward, never running the GroupNorm
+    kernel again; a GroupNorm with a hook is called again instead, and its gradients stay the same."""
+    model = unet_model_with_learned_norms()
+    group_norms = [module for module in model.modules() if isinstance(module, nn.GroupNorm)]
+    with CountGroupNormKernels() as forward_only, torch.no_grad():
+        model(*unet_inputs())
+    with CountGroupNormKernels() as training:
+        model(*unet_inputs()).sample.square().mean().backward()
+    assert training.calls == forward_only.calls == len(group_norms)
+
+    model.disable_activation_recomputation()
+    expected_output, expected_grads = training_step_results(model, unet_inputs())
+    model.enable_activation_recomputation()
+    hooked_calls = []
+    hooked = next(module.norm for module in model.modules() if isinstance(module, DiffiTResBlock))
+    hooked.register_forward_hook(lambda *_: hooked_calls.append(1))
+    with CountGroupNormKernels() as hooked_training:
+        output, grads = training_step_results(model, unet_inputs())
+    assert hooked_training.calls == len(group_norms) + 1 and hooked_calls == [1, 1]
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(

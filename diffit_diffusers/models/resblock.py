@@ -102,4 +102,4 @@ class DiffiTResBlock(nn.Module, ActivationRecomputation):
         if not recomputation_applies(self.recompute_activations):
             return self.conv(self.act(self.norm(hidden_states)))
         with BackwardRecomputation() as saved:
-            return self.conv(saved.recompute(self.act, saved.recompute(self.norm, hidden_states)))
+            return self.conv(saved.recompute(self.act, saved.group_norm(self.norm, hidden_states)))
