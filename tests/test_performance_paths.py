@@ -247,6 +247,29 @@ def test_recomputed_group_norms_reuse_the_forward_statistics():
 
 
 @pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))],
+)
+def test_activation_recomputation_under_autocast_gives_identical_outputs_and_gradients(device):
+    """Mixed-precision training recomputes what autocast computed (on GPUs autocast runs GroupNorm in float32)."""
+    model = unet_model_with_learned_norms().to(device)
+    inputs = [tensor.to(device) for tensor in unet_inputs()]
+    results = {}
+    for recompute in (False, True):
+        if recompute:
+            model.enable_activation_recomputation()
+        else:
+            model.disable_activation_recomputation()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            results[recompute] = training_step_results(model, inputs)
+    (expected_output, expected_grads), (output, grads) = results[False], results[True]
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
     "build, inputs, recomputes", [(latent_model, latent_inputs, False), (unet_model, unet_inputs, True)],
     ids=["latent-keeps-activations", "unet-recomputes"],
 )

@@ -7,6 +7,9 @@ needs for its backward: ``GroupNorm(x)`` and ``SiLU(GroupNorm(x))`` before a Res
 instead of its values; backward repeats the call when it needs the tensor (once, however many layers saved it) and
 frees the result after its last use. Only elementwise layers are recomputed, never a convolution or matrix
 product, and the autograd graph is the usual one, so outputs and gradients are exactly those of the plain forward.
+A GroupNorm called through ``group_norm(norm, x)`` is recomputed from the mean and rstd its forward kept for its own
+backward, as ``x * scale + shift`` in one ``addcmul`` (bitwise what PyTorch's kernel returns), rather than by
+rerunning the norm.
 
 The mechanism is autograd's saved-tensor hooks, as in ``torch.utils.checkpoint``, without a checkpoint's re-run of the
 forward code (whose fixed cost per call is several times a small block's whole backward on CPU). It steps aside when
@@ -83,9 +86,10 @@ class BackwardRecomputation(saved_tensors_hooks):
         pass with the forward's per-group ``mean`` and ``rstd``, where rerunning ``norm`` computes the statistics
         again (PyTorch's channels-last kernel takes 4-10x as long on a CPU for 4-12 channels per group). The
         forward runs PyTorch's own kernel (the same autograd node as ``norm``). A GroupNorm with hooks, a subclass,
-        or without an affine transform is recomputed by calling it.
+        or without an affine transform, and any GroupNorm under autocast (which casts ``norm``'s input on GPUs), is
+        recomputed by calling it.
         """
-        if not _is_plain_affine_group_norm(norm):
+        if not _is_plain_affine_group_norm(norm) or torch.is_autocast_enabled(inputs.device.type):
             return self.recompute(norm, inputs)
         batch_size, channels = inputs.shape[:2]
         output, mean, rstd = torch.native_group_norm(
