@@ -118,9 +118,18 @@ def training_step_results(model, inputs, seed=3):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     output = model(*inputs).sample
-    weights = torch.linspace(-1, 1, output.numel()).view_as(output)
+    weights = torch.linspace(-1, 1, output.numel(), device=output.device).view_as(output)
     (output * weights).sum().backward()
     return output.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_identical_training_results(results, expected) -> None:
+    """Two ``training_step_results`` agree bitwise: the output and the same parameters' gradients."""
+    (output, grads), (expected_output, expected_grads) = results, expected
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
 
 
 def dropout_latent_model():
@@ -157,14 +166,12 @@ def test_activation_recomputation_gives_identical_outputs_and_gradients(build, i
     context = torch.autograd.graph.save_on_cpu if saved_tensors == "save-on-cpu" else contextlib.nullcontext
     model.disable_activation_recomputation()
     with context():
-        expected_output, expected_grads = training_step_results(model, inputs())
+        expected = training_step_results(model, inputs())
     model.enable_activation_recomputation()
     with context():
-        output, grads = training_step_results(model, inputs())
-    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
-    assert grads.keys() == expected_grads.keys() and len(grads) == len(list(model.parameters()))
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
+        results = training_step_results(model, inputs())
+    assert len(results[1]) == len(list(model.parameters()))
+    assert_identical_training_results(results, expected)
 
 
 class TrackTraining(TorchDispatchMode):
@@ -233,17 +240,15 @@ def test_recomputed_group_norms_reuse_the_forward_statistics():
     assert training.calls == forward_only.calls == len(group_norms)
 
     model.disable_activation_recomputation()
-    expected_output, expected_grads = training_step_results(model, unet_inputs())
+    expected = training_step_results(model, unet_inputs())
     model.enable_activation_recomputation()
     hooked_calls = []
     hooked = next(module.norm for module in model.modules() if isinstance(module, DiffiTResBlock))
     hooked.register_forward_hook(lambda *_: hooked_calls.append(1))
     with CountGroupNormKernels() as hooked_training:
-        output, grads = training_step_results(model, unet_inputs())
+        results = training_step_results(model, unet_inputs())
     assert hooked_training.calls == len(group_norms) + 1 and hooked_calls == [1, 1]
-    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
+    assert_identical_training_results(results, expected)
 
 
 @pytest.mark.parametrize(
@@ -254,19 +259,14 @@ def test_activation_recomputation_under_autocast_gives_identical_outputs_and_gra
     """Mixed-precision training recomputes what autocast computed (on GPUs autocast runs GroupNorm in float32)."""
     model = unet_model_with_learned_norms().to(device)
     inputs = [tensor.to(device) for tensor in unet_inputs()]
-    results = {}
-    for recompute in (False, True):
-        if recompute:
-            model.enable_activation_recomputation()
-        else:
-            model.disable_activation_recomputation()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            results[recompute] = training_step_results(model, inputs)
-    (expected_output, expected_grads), (output, grads) = results[False], results[True]
-    assert output.dtype == torch.bfloat16
-    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=name)
+    model.disable_activation_recomputation()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        expected = training_step_results(model, inputs)
+    model.enable_activation_recomputation()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        results = training_step_results(model, inputs)
+    assert results[0].dtype == torch.bfloat16
+    assert_identical_training_results(results, expected)
 
 
 @pytest.mark.parametrize(
