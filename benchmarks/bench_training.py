@@ -12,7 +12,9 @@ Pairs (``--pairs``):
 
 For every model: the median step time over interleaved rounds (see ``harness.py``), the peak working memory of one
 step (activations, saved tensors, gradients, optimiser temporaries on top of weights, inputs and AdamW state), the
-FLOPs of a forward + backward and the rate the step reaches, and a profile of a step's op time by operator kind
+FLOPs of a forward + backward and the rate the step reaches, on CPU the minor page faults and kernel time per step
+(memory the allocator gave back to the OS and faults in again; ``machine.allocator_environment`` records the
+``MALLOC_*_`` settings or preloaded allocator of the run), and a profile of a step's op time by operator kind
 (forward and backward together; the fastest of three profiled steps). Ratios are DiffiT / peer.
 
 DiffiT runs as users get it: on CPUs where oneDNN outruns PyTorch's MKL products its large linear layers are oneDNN
@@ -42,7 +44,14 @@ from bench_models import (
     unet_comparison,
 )
 from diffusers import UNet2DModel
-from harness import interleaved_samples, machine_info, median_round_ratio, peak_memory_mib, write_report
+from harness import (
+    interleaved_samples,
+    machine_info,
+    median_round_ratio,
+    page_faults_per_call,
+    peak_memory_mib,
+    write_report,
+)
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -198,6 +207,7 @@ def run_pair(
             "parameters": count_parameters(case.model),
             "training_step_ms_median": step_ms,
             "peak_memory_training_mib": peak_memory_mib(steps[model], settings.device),
+            "per_step": page_faults_per_call(steps[model]) if settings.device.type == "cpu" else None,
             "training_gflop": flops / 1e9,
             "achieved_gflops": flops / 1e6 / step_ms,
         }

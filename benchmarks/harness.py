@@ -82,10 +82,39 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
         "load_average_1min_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "allocator_environment": {name: os.environ[name] for name in sorted(os.environ) if is_allocator_setting(name)},
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def is_allocator_setting(name: str) -> bool:
+    """Whether environment variable ``name`` changes how the process allocates CPU memory (glibc's ``MALLOC_*_``
+    settings and tunables, a preloaded allocator such as jemalloc or tcmalloc, PyTorch's huge-page option)."""
+    return name.startswith("MALLOC_") or name in ("GLIBC_TUNABLES", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+
+
+def page_faults_per_call(fn: Callable[[], Any], calls: int = 3) -> dict[str, float] | None:
+    """Minor page faults and kernel CPU time per call of ``fn`` (``getrusage`` over ``calls`` calls), or ``None``
+    where the platform has no ``resource`` module.
+
+    A minor fault is the first touch of memory the process got from the OS; when the allocator hands freed memory
+    back between calls (glibc trims the top of its heap once more than ``M_TRIM_THRESHOLD`` is free), every call
+    faults it in again.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(calls):
+        fn()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "minor_page_faults": (after.ru_minflt - before.ru_minflt) / calls,
+        "system_cpu_ms": (after.ru_stime - before.ru_stime) * 1e3 / calls,
+    }
 
 
 class PeakTensorMemory(TorchDispatchMode):
