@@ -1,25 +1,14 @@
 """`benchmarks/harness.py`'s page-fault count, which the training benchmark reports per step."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def load_harness():
-    spec = importlib.util.spec_from_file_location("benchmark_harness", REPOSITORY / "benchmarks" / "harness.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark_script
 
 
-harness = load_harness()
+harness = load_benchmark_script("harness.py", "benchmark_harness")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and getrusage fault counts")

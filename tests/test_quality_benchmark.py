@@ -2,31 +2,20 @@
 working: IDX parsing, the parquet dataset, the UNet2DModel adapter, the judge and a 2-step end-to-end run."""
 
 import gzip
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark_script
+
 from diffit_diffusers.training import DataConfig, load_training_dataset
 
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", REPOSITORY / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = load_benchmark()
+quality = load_benchmark_script("quality.py", "quality_benchmark")
 IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
 
 
