@@ -117,8 +117,12 @@ PROFILE_KINDS = {
 PROFILE_OTHER_KIND = "other (elementwise, concatenation, resampling, embeddings, loss)"
 #: Everything inside an SDPA call (the math kernel's products, scaling, softmax and copies) or inside TMSA's CPU
 #: training attention (``BiasedWindowAttention`` and its backward, ``diffit_diffusers.models.biased_attention``) is
-#: attention.
-PROFILE_ENCLOSING_KINDS = {"attention (SDPA forward and backward)": ("scaled_dot_product", "BiasedWindowAttention")}
+#: attention; everything inside TMSA's one-node projections (``TimeDependentProjections`` and its backward,
+#: ``diffit_diffusers.models.time_projections``: products, the time term and its sums) counts as linear layers.
+PROFILE_ENCLOSING_KINDS = {
+    "attention (SDPA forward and backward)": ("scaled_dot_product", "BiasedWindowAttention"),
+    "linear layers": ("TimeDependentProjections",),
+}
 
 
 def tiny_comparison(device: torch.device, batch_size: int, size: int) -> dict[str, ModelCase]:

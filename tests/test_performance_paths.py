@@ -1,7 +1,9 @@
 """The fast paths: the one-gather position bias, the time term, activation recomputation, layouts that keep the
 transformer blocks free of copies, torch.compile(fullgraph=True) and mixed precision."""
 
+import collections
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -18,7 +20,9 @@ from diffit_diffusers import (
     TimeDependentSelfAttention,
 )
 from diffit_diffusers.models.attention import time_dependent_qkv, window_partition
+from diffit_diffusers.models.linear import OneDNNLinear
 from diffit_diffusers.models.resblock import DiffiTResBlock
+from diffit_diffusers.models.time_projections import projection_layers
 from diffit_diffusers.models.transformer_block import DiffiTTransformerBlock
 
 
@@ -107,6 +111,138 @@ def test_time_term_is_the_same_with_and_without_gradients(fused):
         expected = time_dependent_qkv(attn, windows, t, layout)
     for recorded, reference in zip(time_dependent_qkv(attn, windows, t, layout), expected):
         torch.testing.assert_close(recorded, reference, rtol=0, atol=0)
+
+
+# --- Eq. 3-5 in one autograd node ------------------------------------------------------------------------------------
+
+
+def tmsa_layers(model):
+    return [module for module in model.modules() if isinstance(module, TimeDependentSelfAttention)]
+
+
+def hook_every_projection(model) -> list:
+    """A no-op forward hook on every TMSA projection, which sends Eq. 3-5 through autograd layer by layer (as for
+    any hooked, LoRA or quantized layer); returns the list the hooks append to."""
+    calls = []
+    for attn in tmsa_layers(model):
+        for layer in projection_layers(attn):
+            layer.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def autograd_node_names(tensor: torch.Tensor) -> list[str]:
+    names, seen, pending = [], set(), [tensor.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def assert_close_training_results(results, expected, rtol=1e-4) -> None:
+    """Outputs bitwise equal; gradients equal up to float32 rounding (sums taken in another order), measured against
+    the model's largest gradient where a parameter's own are rounding noise (the key's time term, which cancels in
+    the softmax)."""
+    (output, grads), (expected_output, expected_grads) = results, expected
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    assert grads.keys() == expected_grads.keys()
+    scale = max(grad.abs().max().item() for grad in expected_grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=rtol, atol=rtol * 0.1 * scale, msg=name)
+
+
+def padded_unet_inputs():
+    generator = torch.Generator().manual_seed(4)
+    return torch.randn(2, 1, 14, 14, generator=generator), torch.tensor([10.0, 400.0]), torch.tensor([1, 10])
+
+
+@pytest.mark.parametrize(
+    "build, inputs",
+    [(latent_model, latent_inputs), (unet_model, unet_inputs), (unet_model, padded_unet_inputs)],
+    ids=["latent", "unet", "unet-padded"],
+)
+def test_projections_in_one_node_match_autograd_layer_by_layer(build, inputs):
+    """CPU training computes each TMSA layer's q, k, v in one autograd node, with the outputs and gradients of the
+    six projections run through autograd one by one."""
+    model = build()
+    model.train()
+    names = autograd_node_names(model(*inputs()).sample)
+    assert names.count("TimeDependentProjectionsBackward") == len(tmsa_layers(model))
+    results = training_step_results(model, inputs())
+
+    reference = copy.deepcopy(model)
+    calls = hook_every_projection(reference)
+    expected = training_step_results(reference, inputs())
+    assert len(calls) == 6 * len(tmsa_layers(model))
+    assert len(results[1]) == len(list(model.parameters()))
+    assert_close_training_results(results, expected)
+
+
+class CountKernels(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_projections_in_one_node_run_the_products_on_onednn_where_the_layers_do():
+    """Where ``OneDNNLinear`` runs a product as a oneDNN convolution (AMD CPUs with AVX-512; forced here), the
+    one-node projections run the same convolutions forward and backward."""
+    model = unet_model()
+    model.enable_onednn_linears()
+    for module in model.modules():
+        if isinstance(module, OneDNNLinear):
+            module.min_features = 1
+    generator = torch.Generator().manual_seed(5)
+    inputs = (torch.randn(16, 1, 16, 16, generator=generator), torch.arange(16) * 60, torch.arange(16) % 11)
+    reference = copy.deepcopy(model)
+    hook_every_projection(reference)
+    kernels = {}
+    for name, candidate in (("one node", model), ("layer by layer", reference)):
+        with CountKernels() as counter:
+            kernels[name] = counter.calls
+            training_step_results(candidate, inputs)
+    assert kernels["one node"]["convolution"] == kernels["layer by layer"]["convolution"]
+    assert kernels["one node"]["convolution_backward"] == kernels["layer by layer"]["convolution_backward"]
+    onednn_projections = 3 * len(tmsa_layers(model))  # every to_q, to_k, to_v at 16 images
+    assert kernels["one node"]["convolution"] >= onednn_projections
+    assert_close_training_results(training_step_results(model, inputs), training_step_results(reference, inputs))
+
+
+def test_projections_in_one_node_leave_frozen_layers_without_gradients():
+    model = latent_model()
+    frozen = [tmsa_layers(model)[0].to_q.weight, *(attn.time_to_v.bias for attn in tmsa_layers(model))]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    hook_every_projection(reference)
+    results, expected = training_step_results(model, latent_inputs()), training_step_results(reference, latent_inputs())
+    assert len(results[1]) == len(list(model.parameters())) - len(frozen)
+    assert_close_training_results(results, expected)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["biases", "no-biases"])
+def test_projections_in_one_node_are_twice_differentiable(bias):
+    """Gradients checked numerically in float64, also of the backward itself (which a gradient penalty
+    differentiates)."""
+    torch.manual_seed(0)
+    attn = TimeDependentSelfAttention(16, 8, 2, 2, bias=bias).double().train()
+    x = torch.randn(2, 16, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+
+    def projections(x, t):
+        layout = attn.window_layout(x, t, 4, 4)
+        return time_dependent_qkv(attn, window_partition(x, layout), t, layout)
+
+    assert "TimeDependentProjectionsBackward" in autograd_node_names(projections(x, t)[0])
+    assert torch.autograd.gradcheck(projections, (x, t))
+    assert torch.autograd.gradgradcheck(projections, (x, t))
 
 
 # --- Activation recomputation ----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .biased_attention import attention_mask, biased_window_attention, fused_cpu_training_applies
 from .linear import OneDNNLinear
+from .time_projections import projections_node_applies, time_dependent_projections
 
 
 #: Attention backends that accept an additive float ``attn_mask``, which carries the relative position bias.
@@ -162,10 +163,13 @@ def time_dependent_qkv(
     Returns:
         ``query, key, value``, each ``(B * num_windows, w*w, heads, head_dim)``.
     """
+    windowed = (layout.batch_size * layout.windows_per_image, -1)
+    if projections_node_applies(attn, windows):  # CPU training: all three in one autograd node
+        projections = time_dependent_projections(attn, windows.reshape(-1, attn.dim), time_token)
+        return tuple(projection.view(*windowed, attn.heads, attn.head_dim) for projection in projections)
     # The windows of one image side by side, so that image's time term broadcasts over all its tokens.
     tokens = windows.view(layout.batch_size, -1, attn.dim)
     time_token = time_token.unsqueeze(1)
-    windowed = (layout.batch_size * layout.windows_per_image, -1)
     if attn.fused_projections:
         qkv = add_time_term(attn.to_qkv(tokens), attn.time_to_qkv(time_token))  # (B, nW*N, 3C)
         return qkv.view(*windowed, 3, attn.heads, attn.head_dim).unbind(dim=2)

@@ -108,10 +108,52 @@ class OneDNNLinear(nn.Linear):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if not self.runs_on_onednn(hidden_states):
             return F.linear(hidden_states, self.weight, self.bias)
-        rows = hidden_states.numel() // self.in_features
-        maps = hidden_states.reshape(rows // ROWS_PER_MAP, 1, ROWS_PER_MAP, self.in_features).permute(0, 3, 1, 2)
-        out = F.conv2d(maps, self.weight.view(self.out_features, self.in_features, 1, 1), self.bias)
+        out = F.conv2d(rows_as_maps(hidden_states), self.weight_as_kernel(), self.bias)
         return out.permute(0, 2, 3, 1).reshape(*hidden_states.shape[:-1], self.out_features)
+
+    def weight_as_kernel(self) -> torch.Tensor:
+        """The weight as the ``(out_features, in_features, 1, 1)`` kernel of the oneDNN convolution (a view)."""
+        return self.weight.view(self.out_features, self.in_features, 1, 1)
+
+    def product_gradients(
+        self,
+        grad_output: torch.Tensor,
+        inputs: torch.Tensor,
+        on_onednn: bool,
+        grad_input: torch.Tensor | None,
+        needs_input_grad: bool,
+        needs_weight_grad: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Backward of the product ``inputs @ W^T`` (``forward`` without its bias) on the kernel its forward ran:
+        oneDNN's convolution backward where ``on_onednn``, two matrix products otherwise.
+
+        Args:
+            grad_output: ``(M, out_features)``.
+            inputs: ``(M, in_features)``, the forward's input.
+            grad_input: an ``(M, in_features)`` gradient of ``inputs`` from other layers that this one's is added to
+                (in place), or ``None``.
+
+        Returns:
+            The gradient of ``inputs`` (``grad_input`` plus this layer's; ``grad_input`` when not
+            ``needs_input_grad``) and of the weight (``None`` when not ``needs_weight_grad``).
+        """
+        weight_grad = None
+        if on_onednn:
+            input_maps_grad, kernel_grad, _ = torch.ops.aten.convolution_backward(
+                rows_as_maps(grad_output), rows_as_maps(inputs), self.weight_as_kernel(), None,
+                (1, 1), (0, 0), (1, 1), False, (0, 0), 1, (needs_input_grad, needs_weight_grad, False),
+            )
+            if needs_weight_grad:
+                weight_grad = kernel_grad.view(self.out_features, self.in_features)
+            if needs_input_grad:
+                layer_grad = input_maps_grad.permute(0, 2, 3, 1).reshape(inputs.shape)
+                grad_input = layer_grad if grad_input is None else grad_input.add_(layer_grad)
+            return grad_input, weight_grad
+        if needs_weight_grad:
+            weight_grad = grad_output.t().mm(inputs)
+        if needs_input_grad:
+            grad_input = grad_output.mm(self.weight) if grad_input is None else grad_input.addmm_(grad_output, self.weight)
+        return grad_input, weight_grad
 
     @property
     def may_run_on_onednn(self) -> bool:
@@ -135,6 +177,14 @@ class OneDNNLinear(nn.Linear):
             and type(self.weight.data) is torch.Tensor  # not a quantized tensor subclass
             and not torch.is_autocast_enabled("cpu")
         )
+
+
+def rows_as_maps(rows: torch.Tensor) -> torch.Tensor:
+    """``(..., features)`` rows as the channels-last ``(M / ROWS_PER_MAP, features, 1, ROWS_PER_MAP)`` maps of the
+    oneDNN convolution, a view without a copy for contiguous rows."""
+    features = rows.shape[-1]
+    count = rows.numel() // features
+    return rows.reshape(count // ROWS_PER_MAP, 1, ROWS_PER_MAP, features).permute(0, 3, 1, 2)
 
 
 def use_onednn_linears(module: nn.Module) -> nn.Module:

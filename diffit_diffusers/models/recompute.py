@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from .plain_modules import runs_own_forward
+
 
 class _Recipe:
     """A saved tensor stored as the layer call that recomputes it; the result is cached until its last use."""
@@ -128,15 +130,8 @@ class BackwardRecomputation(saved_tensors_hooks):
 
 
 def _is_plain_affine_group_norm(norm: nn.Module) -> bool:
-    """Whether calling ``norm`` runs exactly ``nn.GroupNorm.forward`` with a learned scale and shift: no subclass,
-    no module or global hooks, no replaced ``forward`` (diffusers' hooks replace it)."""
-    return (
-        type(norm) is nn.GroupNorm
-        and norm.affine
-        and "forward" not in vars(norm)
-        and not (norm._forward_hooks or norm._forward_pre_hooks)
-        and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-    )
+    """Whether calling ``norm`` runs exactly ``nn.GroupNorm.forward`` with a learned scale and shift."""
+    return runs_own_forward(norm, nn.GroupNorm) and norm.affine
 
 
 def _group_norm_from_statistics(
