@@ -227,6 +227,19 @@ def test_projections_in_one_node_leave_frozen_layers_without_gradients():
     assert_close_training_results(results, expected)
 
 
+def test_fast_paths_call_layers_with_backward_hooks():
+    """A GroupNorm or a projection with a backward hook is called as a module (the one-node projections and the
+    GroupNorm recomputed from statistics step aside), so its hook fires in the training backward."""
+    model = unet_model_with_learned_norms()
+    fired = []
+    resblock = next(module for module in model.modules() if isinstance(module, DiffiTResBlock))
+    resblock.norm.register_full_backward_hook(lambda *_: fired.append("norm"))
+    tmsa_layers(model)[0].to_q.register_full_backward_hook(lambda *_: fired.append("to_q"))
+    model.train()
+    model(*unet_inputs()).sample.square().mean().backward()
+    assert sorted(fired) == ["norm", "to_q"]
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["biases", "no-biases"])
 def test_projections_in_one_node_are_twice_differentiable(bias):
     """Gradients checked numerically in float64, also of the backward itself (which a gradient penalty
