@@ -222,7 +222,8 @@ def test_projections_in_one_node_leave_frozen_layers_without_gradients():
         parameter.requires_grad_(False)
     reference = copy.deepcopy(model)
     hook_every_projection(reference)
-    results, expected = training_step_results(model, latent_inputs()), training_step_results(reference, latent_inputs())
+    results = training_step_results(model, latent_inputs())
+    expected = training_step_results(reference, latent_inputs())
     assert len(results[1]) == len(list(model.parameters())) - len(frozen)
     assert_close_training_results(results, expected)
 

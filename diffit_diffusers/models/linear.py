@@ -151,8 +151,10 @@ class OneDNNLinear(nn.Linear):
             return grad_input, weight_grad
         if needs_weight_grad:
             weight_grad = grad_output.t().mm(inputs)
-        if needs_input_grad:
-            grad_input = grad_output.mm(self.weight) if grad_input is None else grad_input.addmm_(grad_output, self.weight)
+        if needs_input_grad and grad_input is None:
+            grad_input = grad_output.mm(self.weight)
+        elif needs_input_grad:
+            grad_input = grad_input.addmm_(grad_output, self.weight)
         return grad_input, weight_grad
 
     @property
