@@ -34,7 +34,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from .biased_attention import attention_mask, biased_window_attention, fused_cpu_training_applies
 from .linear import OneDNNLinear
-from .time_projections import projections_node_applies, time_dependent_projections
+from .time_projections import projection_pairs, projections_node_applies, time_dependent_projections
 
 
 #: Attention backends that accept an additive float ``attn_mask``, which carries the relative position bias.
@@ -176,11 +176,7 @@ def time_dependent_qkv(
     # Separate products: in training each projection's gradient then arrives whole, with no stacking of q, k, v.
     return tuple(
         add_time_term(spatial(tokens), temporal(time_token)).view(*windowed, attn.heads, attn.head_dim)
-        for spatial, temporal in (
-            (attn.to_q, attn.time_to_q),
-            (attn.to_k, attn.time_to_k),
-            (attn.to_v, attn.time_to_v),
-        )
+        for spatial, temporal in projection_pairs(attn)
     )
 
 

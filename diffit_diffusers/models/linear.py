@@ -106,7 +106,12 @@ class OneDNNLinear(nn.Linear):
         return layer
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not self.runs_on_onednn(hidden_states):
+        return self.forward_on(hidden_states, self.runs_on_onednn(hidden_states))
+
+    def forward_on(self, hidden_states: torch.Tensor, on_onednn: bool) -> torch.Tensor:
+        """``forward`` with the kernel chosen by the caller: the oneDNN convolution where ``on_onednn`` (which must be
+        ``runs_on_onednn(hidden_states)``), ``F.linear`` otherwise."""
+        if not on_onednn:
             return F.linear(hidden_states, self.weight, self.bias)
         out = F.conv2d(rows_as_maps(hidden_states), self.weight_as_kernel(), self.bias)
         return out.permute(0, 2, 3, 1).reshape(*hidden_states.shape[:-1], self.out_features)

@@ -36,10 +36,12 @@ class TimeDependentProjections(torch.autograd.Function):
         batch_size = time_token.shape[0]
         outputs, kernels = [], []
         for spatial, temporal in projections:
-            kernels.append((spatial.runs_on_onednn(tokens), temporal.runs_on_onednn(time_token)))
-            out = OneDNNLinear.forward(spatial, tokens)
-            out.view(batch_size, -1, spatial.out_features).add_(OneDNNLinear.forward(temporal, time_token).unsqueeze(1))
+            spatial_onednn, temporal_onednn = spatial.runs_on_onednn(tokens), temporal.runs_on_onednn(time_token)
+            out = spatial.forward_on(tokens, spatial_onednn)
+            time_term = temporal.forward_on(time_token, temporal_onednn)
+            out.view(batch_size, -1, spatial.out_features).add_(time_term.unsqueeze(1))
             outputs.append(out)
+            kernels.append((spatial_onednn, temporal_onednn))
         ctx.projections, ctx.kernels = projections, kernels
         ctx.save_for_backward(tokens, time_token, *(p for p in parameters if p is not None))
         return tuple(outputs)
@@ -91,9 +93,15 @@ def projections_node_applies(attn: torch.nn.Module, tokens: torch.Tensor) -> boo
     )
 
 
+def projection_pairs(attn: torch.nn.Module) -> tuple[tuple[OneDNNLinear, OneDNNLinear], ...]:
+    """The ``(spatial, temporal)`` projections of q, k and v of a TMSA layer: ``(to_q, time_to_q)``, ``(to_k,
+    time_to_k)``, ``(to_v, time_to_v)``."""
+    return ((attn.to_q, attn.time_to_q), (attn.to_k, attn.time_to_k), (attn.to_v, attn.time_to_v))
+
+
 def projection_layers(attn: torch.nn.Module) -> tuple[OneDNNLinear, ...]:
     """``to_q, time_to_q, to_k, time_to_k, to_v, time_to_v`` of a TMSA layer."""
-    return (attn.to_q, attn.time_to_q, attn.to_k, attn.time_to_k, attn.to_v, attn.time_to_v)
+    return tuple(layer for pair in projection_pairs(attn) for layer in pair)
 
 
 def time_dependent_projections(
@@ -101,7 +109,5 @@ def time_dependent_projections(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 3-5 in one autograd node: ``(B * L, C)`` tokens (each image's ``L`` together) and the ``(B, D_t)`` time
     token -> ``q, k, v``, each ``(B * L, C)``."""
-    layers = projection_layers(attn)
-    parameters = [parameter for layer in layers for parameter in (layer.weight, layer.bias)]
-    pairs = tuple(zip(layers[0::2], layers[1::2]))
-    return TimeDependentProjections.apply(tokens, time_token, pairs, *parameters)
+    parameters = [parameter for layer in projection_layers(attn) for parameter in (layer.weight, layer.bias)]
+    return TimeDependentProjections.apply(tokens, time_token, projection_pairs(attn), *parameters)
