@@ -7,16 +7,24 @@ autograd node, in one of two ways:
 
 - windows of at most ``head_dim`` tokens (the U-Net's 4x4 windows), where the probabilities are no larger than the
   query: the scores and softmax are computed directly and the probabilities ``P`` are kept for backward;
-- larger windows (the latent models' global attention): PyTorch's fused flash kernel, which keeps only the output
-  ``O`` and the log-sum-exp ``lse`` of every score row; backward recomputes ``P = exp(S - lse)`` once.
+- larger windows (the latent models' global attention): PyTorch's fused flash kernel, which keeps only the
+  log-sum-exp ``lse`` of every score row; backward recomputes ``P = exp(S - lse)`` once, as
+  ``exp2((S - lse) log2 e)``: ``torch.exp`` calls MKL's ``vsExp``, which on AMD CPUs runs a generic kernel
+  (``mkl_vml_kernel_sExp_EX`` in ``perf``), and ``torch.exp2`` PyTorch's own vectorised one (1.7 against 3.2 ms for
+  12.6M floats on a Zen 3 core).
 
 Either way ``S = Q K^T * scale + B (+ padding)`` and the backward is
 
-    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(P * dP)),   rowsum(P * dP) = rowsum(dO * O)
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(P * dP))
     dQ = dS K * scale,   dK = dS^T Q * scale,   dB = sum of dS over all windows
+
+Each ``N x N`` tensor is written in place where the next step allows it (scores into probabilities, ``dP`` into
+``dS``), so a call allocates at most two of them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,13 +55,18 @@ def attention_mask(bias: torch.Tensor, key_padding: torch.Tensor | None, batch_s
     return (bias + key_padding).repeat(batch_size, 1, 1, 1)
 
 
-def contiguous_operands(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Q * scale`` as a new contiguous tensor (one pass), ``K`` and ``V`` contiguous: the batched products then
-    copy nothing."""
-    scaled_query = torch.mul(query, scale, out=torch.empty(query.shape, dtype=query.dtype, device=query.device))
-    return scaled_query, key.contiguous(), value.contiguous()
+#: ``log2(e)``, so that ``exp(x) = exp2(x * LOG2_E)``.
+LOG2_E = math.log2(math.e)
+
+
+def scaled_contiguous(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """``tensor * factor`` as a new contiguous tensor, in one pass: the batched products then copy nothing."""
+    return torch.mul(tensor, factor, out=torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device))
+
+
+def softmax_gradient_(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """``dS = P * (dP - rowsum(P * dP))``, the gradient of the scores of ``P = softmax(S)``, written over ``dP``."""
+    return torch.ops.aten._softmax_backward_data.out(grad_probs, probs, -1, probs.dtype, grad_input=grad_probs)
 
 
 def window_scores(
@@ -81,15 +94,16 @@ class BiasedWindowAttention(torch.autograd.Function):
         ctx.scale = scale
         ctx.keeps_probabilities = query.shape[-2] <= query.shape[-1]
         if ctx.keeps_probabilities:
-            query, key, value = contiguous_operands(query, key, value, scale)
-            probs = window_scores(query, key, bias, key_padding).softmax(dim=-1)
+            query, key, value = scaled_contiguous(query, scale), key.contiguous(), value.contiguous()
+            scores = window_scores(query, key, bias, key_padding)
+            probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
             ctx.save_for_backward(query, key, value, probs)
             return torch.matmul(probs, value)
         batch_size = query.shape[0] // (1 if key_padding is None else key_padding.shape[0])
         out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, False, attn_mask=attention_mask(bias, key_padding, batch_size), scale=scale
         )
-        ctx.save_for_backward(query, key, value, bias, key_padding, out, logsumexp)
+        ctx.save_for_backward(query, key, value, bias, key_padding, logsumexp)
         return out
 
     @staticmethod
@@ -103,17 +117,18 @@ class BiasedWindowAttention(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         if ctx.keeps_probabilities:
             query, key, value, probs = ctx.saved_tensors  # query holds Q * scale
-            grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
-            grad_probs = torch.matmul(grad_out, value.transpose(-2, -1))
-            grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            key_scale = 1.0
         else:
-            query, key, value, bias, key_padding, out, logsumexp = ctx.saved_tensors
-            query, key, value = contiguous_operands(query, key, value, ctx.scale)
-            probs = window_scores(query, key, bias, key_padding).sub_(logsumexp.unsqueeze(-1)).exp_()
-            grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
-            row_terms = (grad_out * out).sum(-1, keepdim=True)  # rowsum(P * dP)
-            grad_scores = probs.mul_(torch.matmul(grad_out, value.transpose(-2, -1)).sub_(row_terms))
-        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale)
+            query, key, value, bias, key_padding, logsumexp = ctx.saved_tensors
+            # P = exp2((S - lse) log2 e), log2 e taken into the copy of K (the padding's 0 and -inf need none).
+            key_scale = LOG2_E
+            query, key = scaled_contiguous(query, ctx.scale), scaled_contiguous(key, key_scale)
+            value = value.contiguous()
+            log2_scores = window_scores(query, key, bias * key_scale, key_padding)
+            probs = log2_scores.sub_(logsumexp.unsqueeze(-1) * key_scale).exp2_()
+        grad_value = torch.matmul(probs.transpose(-2, -1), grad_out)
+        grad_scores = softmax_gradient_(torch.matmul(grad_out, value.transpose(-2, -1)), probs)
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scale / key_scale)
         grad_key = torch.matmul(grad_scores.transpose(-2, -1), query)
         grad_bias = grad_scores.sum(0) if ctx.needs_input_grad[3] else None
         return grad_query, grad_key, grad_value, grad_bias, None, None
